@@ -1,0 +1,1 @@
+"""Alembic revisions of the queue schema; installed as `relay.migrations`."""

@@ -1,0 +1,406 @@
+"""Configuration: TOML parsed once into frozen, typed objects.
+
+Owns the config file format of SPEC "Configuration": durations and sizes,
+environment overrides, defaults, and the `file: key: problem` error lines that
+`relay check-config` prints. Refuses to be a global: the parsed `Config` is
+passed down explicitly to whatever needs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_PATH = Path("config/relay.toml")
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `"30s"`, `"5m"`, `"4h"`, `"5d"` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError('expected a duration like "30s", "5m", "4h" or seconds')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION_RE.match(value)):
+        seconds = float(match[1]) * _DURATION_UNITS[match[2].lower()]
+    else:
+        raise ValueError(f'{value!r} is not a duration like "30s", "5m", "4h", "5d"')
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `"35MB"`, `"512KiB"` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError('expected a size like "35MB" or bytes')
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        unit = match[2].lower()
+        if unit not in _SIZE_UNITS:
+            raise ValueError(f"{value!r}: unknown size unit {match[2]!r}")
+        size = int(float(match[1]) * _SIZE_UNITS[unit])
+    else:
+        raise ValueError(f'{value!r} is not a size like "35MB"')
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: str, default_port: int | None = None) -> HostPort:
+    """`"1.2.3.4:25"`, `"[::1]:25"`, `"host:25"` (or a bare host with a default port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ']'")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{value!r}: missing port (write host:port)")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
+    return HostPort(host, int(port_text))
+
+
+def _listen_address(value: object) -> HostPort:
+    if not isinstance(value, str):
+        raise ValueError('expected "ip:port"')
+    hp = parse_host_port(value)
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        if hp.host != "localhost":
+            raise ValueError(f"{value!r}: listen on an IP address, not a host name") from None
+    return hp
+
+
+ListenAddress = Annotated[
+    HostPort, BeforeValidator(_listen_address), PlainSerializer(str, return_type=str)
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(_Section):
+    hostname: str = "localhost"
+    addresses: tuple[str, ...] = ()
+
+    @field_validator("addresses")
+    @classmethod
+    def _ips(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_address(a)) for a in value)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not value or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError(f"{value!r} is not a host name")
+        return value.lower()
+
+
+class SmtpConfig(_Section):
+    listen: tuple[ListenAddress, ...] = (HostPort("0.0.0.0", 25),)
+    max_message_size: Size = 35_000_000
+    max_recipients: int = Field(100, ge=1)
+    max_connections: int = Field(1000, ge=1)
+    max_connections_per_ip: int = Field(20, ge=1)
+    max_messages_per_ip_per_minute: int = Field(600, ge=0)
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    etrn_clients: tuple[str, ...] = ()
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("etrn_clients")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in value)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SmtpConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+class QueueConfig(_Section):
+    url: str = "sqlite:///var/lib/relay/queue.db"
+    log_retention: Duration = 7 * 86400.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+")):
+            raise ValueError(f"{value!r}: expected sqlite:///PATH or postgresql+psycopg://...")
+        return value
+
+
+class DeliveryConfig(_Section):
+    port: int = Field(25, ge=1, le=65535)
+    concurrency: int = Field(100, ge=1)
+    per_destination_concurrency: int = Field(20, ge=1)
+    connect_timeout: Duration = 30.0
+    tls: Literal["none", "opportunistic", "required"] = "opportunistic"
+    min_backoff: Duration = 300.0
+    max_backoff: Duration = 3600.0
+    max_lifetime: Duration = 5 * 86400.0
+    delay_warning: Duration = 0.0
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DeliveryConfig:
+        if self.min_backoff <= 0:
+            raise ValueError("min_backoff must be greater than 0")
+        if self.max_backoff < self.min_backoff:
+            raise ValueError("max_backoff must not be less than min_backoff")
+        return self
+
+
+class DnsConfig(_Section):
+    nameservers: tuple[str, ...] = ()
+    timeout: Duration = 5.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _servers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for server in value:
+            hp = parse_host_port(server, default_port=53)
+            ipaddress.ip_address(hp.host)
+        return value
+
+    @property
+    def nameserver_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(
+            (hp.host, hp.port) for hp in (parse_host_port(s, 53) for s in self.nameservers)
+        )
+
+
+class MetricsConfig(_Section):
+    listen: str = "127.0.0.1:9025"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            _listen_address(value)
+        return value
+
+    @property
+    def address(self) -> HostPort | None:
+        return _listen_address(self.listen) if self.listen else None
+
+
+class DomainConfig(_Section):
+    recipients: tuple[str, ...] = ()
+    recipients_file: str = ""
+    next_hop: str = ""
+
+    @field_validator("recipients")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().lower() for v in value if v.strip())
+
+    @field_validator("next_hop")
+    @classmethod
+    def _next_hop(cls, value: str) -> str:
+        if value:
+            parse_host_port(value, default_port=25)
+        return value
+
+
+class Config(_Section):
+    node: NodeConfig = NodeConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    queue: QueueConfig = QueueConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    dns: DnsConfig = DnsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    domains: dict[str, DomainConfig] = {}
+    source: str = "<defaults>"
+
+    @field_validator("domains")
+    @classmethod
+    def _domain_names(cls, value: dict[str, DomainConfig]) -> dict[str, DomainConfig]:
+        out: dict[str, DomainConfig] = {}
+        for name, domain in value.items():
+            key = name.strip().rstrip(".").lower()
+            if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", key) or "." not in key:
+                raise ValueError(f"{name!r} is not a domain name")
+            out[key] = domain
+        return out
+
+    def domain(self, name: str) -> DomainConfig | None:
+        return self.domains.get(name.lower().rstrip("."))
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, each as `file: key: problem`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    if url := env.get("RELAY_QUEUE_URL"):
+        data.setdefault("queue", {})["url"] = url
+    if listen := env.get("RELAY_LISTEN"):
+        data.setdefault("smtp", {})["listen"] = [p.strip() for p in listen.split(",") if p.strip()]
+    return data
+
+
+def _check_files(config: Config, base: Path) -> list[str]:
+    """Files the config names must exist now, not at the first TLS handshake."""
+    problems = []
+    for key, value in (
+        ("smtp.tls_cert", config.smtp.tls_cert),
+        ("smtp.tls_key", config.smtp.tls_key),
+    ):
+        if value and not (base / value).is_file():
+            problems.append(f"{key}: file not found: {value}")
+    for name, domain in config.domains.items():
+        if domain.recipients_file and not (base / domain.recipients_file).is_file():
+            problems.append(
+                f"domains.{name}.recipients_file: file not found: {domain.recipients_file}"
+            )
+    return problems
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative file paths are relative to the config file's directory."""
+
+    def fix(value: str) -> str:
+        return str(base / value) if value and not Path(value).is_absolute() else value
+
+    smtp = config.smtp.model_copy(
+        update={"tls_cert": fix(config.smtp.tls_cert), "tls_key": fix(config.smtp.tls_key)}
+    )
+    domains = {
+        name: d.model_copy(update={"recipients_file": fix(d.recipients_file)})
+        for name, d in config.domains.items()
+    }
+    return config.model_copy(update={"smtp": smtp, "domains": domains})
+
+
+def _format_error(source: str, error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    message = message.removeprefix("Value error, ")
+    return f"{source}: {key}: {message}"
+
+
+def from_mapping(
+    data: Mapping[str, Any],
+    source: str = "<defaults>",
+    base: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate already-parsed TOML data; every problem is reported at once."""
+    merged = _env_overrides(
+        {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()},
+        os.environ if env is None else env,
+    )
+    if "source" in merged:
+        raise ConfigError([f"{source}: source: unknown key"])
+    try:
+        config = Config.model_validate({**merged, "source": source})
+    except ValidationError as exc:
+        raise ConfigError([_format_error(source, e) for e in exc.errors()]) from None
+    base = base or Path.cwd()
+    if problems := [f"{source}: {p}" for p in _check_files(config, base)]:
+        raise ConfigError(problems)
+    return _resolve_paths(config, base)
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Find and load the config: PATH, else $RELAY_CONFIG, else config/relay.toml, else defaults."""
+    env = os.environ if env is None else env
+    chosen = Path(path) if path else Path(env["RELAY_CONFIG"]) if env.get("RELAY_CONFIG") else None
+    if chosen is None:
+        if not DEFAULT_PATH.is_file():
+            return from_mapping({}, env=env)
+        chosen = DEFAULT_PATH
+    source = str(chosen)
+    try:
+        data = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: TOML syntax: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{source}: not UTF-8 text"]) from None
+    return from_mapping(data, source=source, base=chosen.parent, env=env)
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The config as plain data, for `relay check-config` to print."""
+    return config.model_dump(mode="json", exclude={"source"})

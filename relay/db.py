@@ -1,0 +1,147 @@
+"""Database connections and schema migrations.
+
+Owns how we connect (URL normalisation, SQLite durability pragmas, write
+transactions that take the lock up front) and the Alembic revision checks
+that `relay serve` and `relay db` perform. Refuses to know any table's
+contents: that is `queue.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+import relay.migrations
+
+
+class DatabaseError(Exception):
+    """A database problem worth one clear line to an operator."""
+
+
+def normalise_url(url: str) -> URL:
+    """Pick the synchronous driver we ship for each backend.
+
+    The queue runs its SQL in worker threads, so the async driver names an
+    operator may write (`+asyncpg`, `+aiosqlite`) map to their sync peers.
+    """
+    parsed = make_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite")
+    if backend in ("postgresql", "postgres"):
+        if driver in ("", "asyncpg", "psycopg_async", "psycopg"):
+            return parsed.set(drivername="postgresql+psycopg")
+        return parsed
+    raise DatabaseError(f"unsupported database URL scheme {parsed.drivername!r}")
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL with synchronous=FULL: a commit is on disk before we answer 250."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Writers take the lock at BEGIN, so two writers queue up on
+        # busy_timeout instead of failing when a read upgrades to a write.
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def connect(url: str) -> Engine:
+    """An engine for the queue URL; SQLite's directory is created if missing."""
+    try:
+        parsed = normalise_url(url)
+    except Exception as exc:  # sqlalchemy's URL parser raises ArgumentError
+        raise DatabaseError(f"bad queue.url {url!r}: {exc}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(
+                    f"cannot create directory for {parsed.database}: {exc.strerror}"
+                ) from None
+        engine = create_engine(parsed, pool_size=8, max_overflow=8)
+        _sqlite_setup(engine)
+        return engine
+    return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(relay.migrations.__file__).parent))
+    return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    current: str | None
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+
+def revision(engine: Engine) -> Revision:
+    """Where the database stands against the revisions we ship."""
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    assert head is not None
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"database unreachable: {_one_line(exc)}") from None
+    return Revision(current=current, head=head)
+
+
+def upgrade(engine: Engine) -> Revision:
+    """Migrate to head; refuse a database at a revision we do not know."""
+    before = revision(engine)
+    script = ScriptDirectory.from_config(_alembic_config())
+    if before.current is not None and script.get_revision(before.current) is None:
+        raise DatabaseError(
+            f"database is at unknown revision {before.current} (newer than this relay?)"
+        )
+    cfg = _alembic_config()
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"migration failed: {_one_line(exc)}") from None
+    return revision(engine)
+
+
+def ensure_ready(engine: Engine) -> Revision:
+    """For `relay serve`: migrate an empty or older database, refuse an unknown one."""
+    rev = revision(engine)
+    if rev.current is None:
+        return upgrade(engine)
+    if rev.current != rev.head:
+        return upgrade(engine)  # refuses an unknown (newer) revision
+    return rev
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

@@ -1,0 +1,719 @@
+"""The queue: the only code that writes the database.
+
+Owns every statement against the tables of `schema.py`: putting accepted
+mail (one transaction, many messages: group commit), claiming due work
+atomically, recording an attempt (recipient states, delivery log, DSN,
+destination state and removal in one transaction), and the operator verbs.
+Refuses policy: callers decide outcomes, times and DSN bytes; this module
+stores them. Methods are synchronous and meant to run in worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.model import MessageState, RecipientStatus
+from relay.schema import bodies, delivery_log, destinations, messages, recipients
+
+PENDING = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
+
+
+class QueueError(Exception):
+    """A storage failure; the caller answers 451 or reports one line."""
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """An accepted message, ready to store. `id` is the queue ID given to the client."""
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    received_at: datetime
+    client_address: str = ""
+    client_helo: str = ""
+    smtputf8: bool = False
+    eightbit: bool = False
+    is_dsn: bool = False
+
+    def split_by_destination(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(queue id, destination, recipients): one queue entry per recipient domain.
+
+        The first entry keeps the client's queue ID; further ones add ".2", ".3".
+        """
+        groups: dict[str, list[str]] = {}
+        for rcpt in self.recipients:
+            groups.setdefault(domain_of(rcpt), []).append(rcpt)
+        return [
+            (self.id if n == 1 else f"{self.id}.{n}", dest, tuple(rcpts))
+            for n, (dest, rcpts) in enumerate(groups.items(), start=1)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRecipient:
+    id: int
+    address: str
+    status: RecipientStatus
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A message leased to one scheduler for one attempt."""
+
+    id: str
+    body_id: str
+    destination: str
+    sender: str
+    size: int
+    received_at: datetime
+    smtputf8: bool
+    eightbit: bool
+    is_dsn: bool
+    attempts: int
+    delay_warned: bool
+    recipients: tuple[PendingRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    recipient_id: int
+    address: str
+    status: RecipientStatus
+    reply: str
+    outcome: str  # model.Outcome value, or "expired", for the delivery log
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationUpdate:
+    name: str
+    up: bool
+    retry_at: datetime | None = None  # next probe when down
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Everything one attempt changes, applied in one transaction."""
+
+    message_id: str
+    owner: str
+    at: datetime
+    recipients: tuple[RecipientUpdate, ...]
+    next_attempt_at: datetime | None  # when still pending; None = parked on its destination
+    last_error: str = ""
+    remote_host: str = ""
+    dsns: tuple[NewMessage, ...] = ()
+    destination: DestinationUpdate | None = None
+    counted: bool = True  # False for an expiry or operator bounce: no attempt was made
+    delay_warned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientView:
+    address: str
+    status: str
+    attempts: int
+    last_reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    id: str
+    state: str
+    sender: str
+    size: int
+    received_at: datetime
+    next_attempt_at: datetime | None
+    attempts: int
+    last_error: str
+    destination: str
+    client_address: str
+    recipients: tuple[RecipientView, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    total: int
+    by_state: dict[str, int]
+    by_domain: dict[str, int]
+    oldest_received_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which messages an operator verb targets: IDs, a domain, or all."""
+
+    ids: tuple[str, ...] = ()
+    domain: str = ""
+    everything: bool = False
+
+    def where(self):  # type: ignore[no-untyped-def]
+        clauses = []
+        if self.ids:
+            clauses.append(messages.c.id.in_(self.ids))
+        if self.domain:
+            clauses.append(messages.c.destination == self.domain.lower().rstrip("."))
+        if self.everything:
+            return True
+        if not clauses:
+            return False
+        return or_(*clauses)
+
+
+class Queue:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+
+    # -- accept side -------------------------------------------------------
+
+    def put_many(self, batch: Sequence[NewMessage]) -> None:
+        """Store messages in one transaction: one fsync for the whole batch."""
+        try:
+            with self.engine.begin() as conn:
+                self._insert(conn, batch)
+        except SQLAlchemyError as exc:
+            raise QueueError(_one_line(exc)) from exc
+
+    def _insert(self, conn: Connection, batch: Sequence[NewMessage]) -> None:
+        if not batch:
+            return
+        entries = [(m, *entry) for m in batch for entry in m.split_by_destination()]
+        down = {
+            row.name
+            for row in conn.execute(
+                select(destinations.c.name).where(
+                    destinations.c.up.is_(False),
+                    destinations.c.name.in_({dest for _, _, dest, _ in entries}),
+                )
+            )
+        }
+        conn.execute(insert(bodies), [{"id": m.id, "data": m.data} for m in batch])
+        conn.execute(
+            insert(messages),
+            [
+                {
+                    "id": qid,
+                    "body_id": m.id,
+                    "destination": dest,
+                    "sender": m.sender,
+                    "size": len(m.data),
+                    "received_at": m.received_at,
+                    "client_address": m.client_address,
+                    "client_helo": m.client_helo,
+                    "smtputf8": m.smtputf8,
+                    "eightbit": m.eightbit,
+                    "is_dsn": m.is_dsn,
+                    "state": MessageState.DEFERRED.value,
+                    "next_attempt_at": None if dest in down else m.received_at,
+                    "attempts": 0,
+                    "last_error": "",
+                    "delay_warned": False,
+                }
+                for m, qid, dest, _ in entries
+            ],
+        )
+        conn.execute(
+            insert(recipients),
+            [
+                {
+                    "message_id": qid,
+                    "address": rcpt,
+                    "status": RecipientStatus.QUEUED.value,
+                    "attempts": 0,
+                    "last_reply": "",
+                }
+                for _, qid, _, rcpts in entries
+                for rcpt in rcpts
+            ],
+        )
+
+    # -- scheduler side ----------------------------------------------------
+
+    def claim_due(
+        self,
+        owner: str,
+        now: datetime,
+        limit: int,
+        lease: float,
+        exclude_destinations: Iterable[str] = (),
+    ) -> list[Claimed]:
+        """Lease up to `limit` due messages, oldest due first; atomic across processes."""
+        where = [
+            messages.c.state == MessageState.DEFERRED.value,
+            messages.c.next_attempt_at <= now,
+        ]
+        excluded = tuple(exclude_destinations)
+        if excluded:
+            where.append(messages.c.destination.not_in(excluded))
+        query = (
+            select(messages.c.id)
+            .where(*where)
+            .order_by(messages.c.next_attempt_at, messages.c.id)
+            .limit(limit)
+        )
+        return self._claim(query, owner, now, lease)
+
+    def claim_expired(
+        self, owner: str, now: datetime, cutoff: datetime, limit: int, lease: float
+    ) -> list[Claimed]:
+        """Lease waiting messages received before `cutoff`, to bounce them unattempted."""
+        query = (
+            select(messages.c.id)
+            .where(
+                messages.c.received_at <= cutoff,
+                messages.c.state == MessageState.DEFERRED.value,
+            )
+            .order_by(messages.c.received_at)
+            .limit(limit)
+        )
+        return self._claim(query, owner, now, lease)
+
+    def _claim(self, query, owner: str, now: datetime, lease: float) -> list[Claimed]:  # type: ignore[no-untyped-def]
+        if self._postgres:
+            query = query.with_for_update(skip_locked=True)
+        until = now + timedelta(seconds=lease)
+        with self.engine.begin() as conn:
+            ids = [row.id for row in conn.execute(query)]
+            if not ids:
+                return []
+            conn.execute(
+                update(messages)
+                .where(messages.c.id.in_(ids), messages.c.state == MessageState.DEFERRED.value)
+                .values(state=MessageState.ACTIVE.value, lease_owner=owner, lease_expires_at=until)
+            )
+            rows = conn.execute(
+                select(messages).where(
+                    messages.c.id.in_(ids),
+                    messages.c.lease_owner == owner,
+                    messages.c.state == MessageState.ACTIVE.value,
+                )
+            ).all()
+            rcpts: dict[str, list[PendingRecipient]] = {}
+            for r in conn.execute(
+                select(recipients)
+                .where(recipients.c.message_id.in_(ids), recipients.c.status.in_(PENDING))
+                .order_by(recipients.c.id)
+            ):
+                rcpts.setdefault(r.message_id, []).append(
+                    PendingRecipient(r.id, r.address, RecipientStatus(r.status), r.attempts)
+                )
+        claimed = [
+            Claimed(
+                id=m.id,
+                body_id=m.body_id,
+                destination=m.destination,
+                sender=m.sender,
+                size=m.size,
+                received_at=m.received_at,
+                smtputf8=m.smtputf8,
+                eightbit=m.eightbit,
+                is_dsn=m.is_dsn,
+                attempts=m.attempts,
+                delay_warned=m.delay_warned,
+                recipients=tuple(rcpts.get(m.id, ())),
+            )
+            for m in rows
+        ]
+        claimed.sort(key=lambda c: ids.index(c.id))
+        return claimed
+
+    def body(self, body_id: str) -> bytes:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            data = conn.execute(select(bodies.c.data).where(bodies.c.id == body_id)).scalar()
+        if data is None:
+            raise QueueError(f"body {body_id} is missing")
+        return bytes(data)
+
+    def record(self, attempt: Attempt) -> bool:
+        """Apply an attempt; False if the message vanished meanwhile (operator delete)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                select(
+                    messages.c.state,
+                    messages.c.lease_owner,
+                    messages.c.body_id,
+                    messages.c.destination,
+                ).where(messages.c.id == attempt.message_id)
+            ).first()
+            if row is None:
+                if attempt.dsns:
+                    self._insert(conn, attempt.dsns)
+                return False
+            for upd in attempt.recipients:
+                conn.execute(
+                    update(recipients)
+                    .where(recipients.c.id == upd.recipient_id)
+                    .values(
+                        status=upd.status.value,
+                        last_reply=upd.reply,
+                        last_attempt_at=attempt.at,
+                        attempts=recipients.c.attempts + (1 if attempt.counted else 0),
+                    )
+                )
+            if attempt.recipients:
+                conn.execute(
+                    insert(delivery_log),
+                    [
+                        {
+                            "message_id": attempt.message_id,
+                            "recipient": upd.address,
+                            "at": attempt.at,
+                            "outcome": upd.outcome,
+                            "reply": upd.reply,
+                            "remote_host": attempt.remote_host,
+                        }
+                        for upd in attempt.recipients
+                    ],
+                )
+            if attempt.dsns:
+                self._insert(conn, attempt.dsns)
+            pending = conn.execute(
+                select(func.count())
+                .select_from(recipients)
+                .where(
+                    recipients.c.message_id == attempt.message_id, recipients.c.status.in_(PENDING)
+                )
+            ).scalar_one()
+            if pending == 0:
+                self._remove(conn, [attempt.message_id])
+            else:
+                held = row.state == MessageState.HOLD.value
+                values = {
+                    "state": MessageState.HOLD.value if held else MessageState.DEFERRED.value,
+                    "next_attempt_at": attempt.next_attempt_at,
+                    "attempts": messages.c.attempts + (1 if attempt.counted else 0),
+                    "last_error": attempt.last_error,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                }
+                if attempt.delay_warned:
+                    values["delay_warned"] = True
+                conn.execute(
+                    update(messages).where(messages.c.id == attempt.message_id).values(**values)
+                )
+            if attempt.destination is not None:
+                self._set_destination(conn, attempt.destination, attempt.at)
+        return True
+
+    def _set_destination(self, conn: Connection, dest: DestinationUpdate, now: datetime) -> None:
+        prior = conn.execute(
+            select(destinations.c.up, destinations.c.failures).where(
+                destinations.c.name == dest.name
+            )
+        ).first()
+        was_up = prior is None or prior.up
+        failures = 0 if dest.up else (prior.failures if prior else 0) + 1
+        values = {
+            "up": dest.up,
+            "failures": failures,
+            "retry_at": dest.retry_at,
+            "last_error": dest.error,
+            "updated_at": now,
+        }
+        if prior is None:
+            if dest.up:
+                return  # up and unknown: nothing worth a row
+            conn.execute(insert(destinations).values(name=dest.name, **values))
+        else:
+            conn.execute(
+                update(destinations).where(destinations.c.name == dest.name).values(**values)
+            )
+        if dest.up and not was_up:
+            self._unpark(conn, dest.name, now)
+        elif not dest.up:
+            conn.execute(  # the whole destination now waits for one probe
+                update(messages)
+                .where(
+                    messages.c.destination == dest.name,
+                    messages.c.state == MessageState.DEFERRED.value,
+                    messages.c.next_attempt_at.is_not(None),
+                )
+                .values(next_attempt_at=None)
+            )
+
+    def _unpark(self, conn: Connection, destination: str, now: datetime) -> int:
+        return conn.execute(
+            update(messages)
+            .where(
+                messages.c.destination == destination,
+                messages.c.state == MessageState.DEFERRED.value,
+                messages.c.next_attempt_at.is_(None),
+            )
+            .values(next_attempt_at=now)
+        ).rowcount
+
+    def failures(self, destination: str) -> int:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            value = conn.execute(
+                select(destinations.c.failures).where(destinations.c.name == destination)
+            ).scalar()
+        return int(value or 0)
+
+    def start_probes(self, now: datetime, stale_before: datetime) -> list[str]:
+        """Make one parked message due for each down destination whose retry time came.
+
+        The destination's retry time is cleared while its probe runs, so it is
+        probed once; a probe lost to a crash is retried after `stale_before`.
+        """
+        probed = []
+        with self.engine.begin() as conn:
+            due = (
+                conn.execute(
+                    select(destinations.c.name).where(
+                        destinations.c.up.is_(False),
+                        or_(
+                            destinations.c.retry_at <= now,
+                            and_(
+                                destinations.c.retry_at.is_(None),
+                                destinations.c.updated_at <= stale_before,
+                            ),
+                        ),
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for name in due:
+                probe = conn.execute(
+                    select(messages.c.id)
+                    .where(
+                        messages.c.destination == name,
+                        messages.c.state == MessageState.DEFERRED.value,
+                        messages.c.next_attempt_at.is_(None),
+                    )
+                    .order_by(messages.c.id)
+                    .limit(1)
+                ).scalar()
+                if probe is None:
+                    waiting = conn.execute(
+                        select(
+                            exists().where(
+                                messages.c.destination == name,
+                                messages.c.state != MessageState.HOLD.value,
+                            )
+                        )
+                    ).scalar()
+                    if not waiting:  # nothing waits on it: forget it was down
+                        conn.execute(delete(destinations).where(destinations.c.name == name))
+                        continue
+                else:
+                    conn.execute(
+                        update(messages).where(messages.c.id == probe).values(next_attempt_at=now)
+                    )
+                conn.execute(
+                    update(destinations)
+                    .where(destinations.c.name == name)
+                    .values(retry_at=None, updated_at=now)
+                )
+                probed.append(name)
+        return probed
+
+    def down_destinations(self) -> dict[str, datetime | None]:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            return {
+                row.name: row.retry_at
+                for row in conn.execute(
+                    select(destinations.c.name, destinations.c.retry_at).where(
+                        destinations.c.up.is_(False)
+                    )
+                )
+            }
+
+    def recover(self, owner: str, now: datetime) -> int:
+        """Return to the queue what a dead scheduler (ours before a crash, or an
+        expired lease elsewhere) left active. It is retried: never dropped."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(messages)
+                .where(
+                    messages.c.state == MessageState.ACTIVE.value,
+                    or_(messages.c.lease_owner == owner, messages.c.lease_expires_at < now),
+                )
+                .values(
+                    state=MessageState.DEFERRED.value,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+
+    def prune_log(self, before: datetime) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(delete(delivery_log).where(delivery_log.c.at < before)).rowcount
+
+    # -- operator verbs ------------------------------------------------------
+
+    def flush(self, selector: Selector, now: datetime) -> int:
+        """Make waiting messages due now; a flushed domain counts as up again."""
+        with self.engine.begin() as conn:
+            if selector.everything:
+                conn.execute(delete(destinations))
+            elif selector.domain:
+                conn.execute(
+                    delete(destinations).where(
+                        destinations.c.name == selector.domain.lower().rstrip(".")
+                    )
+                )
+            return conn.execute(
+                update(messages)
+                .where(selector.where(), messages.c.state == MessageState.DEFERRED.value)
+                .values(next_attempt_at=now)
+            ).rowcount
+
+    def hold(self, selector: Selector) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(messages)
+                .where(selector.where(), messages.c.state != MessageState.HOLD.value)
+                .values(state=MessageState.HOLD.value)
+            ).rowcount
+
+    def release(self, selector: Selector, now: datetime) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(messages)
+                .where(selector.where(), messages.c.state == MessageState.HOLD.value)
+                .values(
+                    state=MessageState.DEFERRED.value,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+
+    def delete(self, selector: Selector) -> int:
+        with self.engine.begin() as conn:
+            ids = conn.execute(select(messages.c.id).where(selector.where())).scalars().all()
+            self._remove(conn, ids)
+            return len(ids)
+
+    def _remove(self, conn: Connection, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        body_ids = (
+            conn.execute(select(messages.c.body_id).where(messages.c.id.in_(ids))).scalars().all()
+        )
+        conn.execute(delete(recipients).where(recipients.c.message_id.in_(ids)))
+        conn.execute(delete(messages).where(messages.c.id.in_(ids)))
+        conn.execute(
+            delete(bodies).where(
+                bodies.c.id.in_(set(body_ids)),
+                ~exists().where(messages.c.body_id == bodies.c.id),
+            )
+        )
+
+    def existing(self, ids: Iterable[str]) -> set[str]:
+        wanted = list(ids)
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            return set(
+                conn.execute(select(messages.c.id).where(messages.c.id.in_(wanted))).scalars()
+            )
+
+    # -- views ---------------------------------------------------------------
+
+    def list(self, domain: str = "", state: str = "", ids: Sequence[str] = ()) -> list[MessageView]:
+        query = select(messages).order_by(messages.c.id)
+        if domain:
+            query = query.where(messages.c.destination == domain.lower().rstrip("."))
+        if state:
+            query = query.where(messages.c.state == state)
+        if ids:
+            query = query.where(messages.c.id.in_(ids))
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn, conn.begin():
+            rows = conn.execute(query).all()
+            rcpts: dict[str, list[RecipientView]] = {}
+            wanted = [r.id for r in rows]
+            for chunk_start in range(0, len(wanted), 500):
+                chunk = wanted[chunk_start : chunk_start + 500]
+                for r in conn.execute(
+                    select(recipients)
+                    .where(recipients.c.message_id.in_(chunk))
+                    .order_by(recipients.c.id)
+                ):
+                    rcpts.setdefault(r.message_id, []).append(
+                        RecipientView(r.address, r.status, r.attempts, r.last_reply)
+                    )
+            retry = {
+                row.name: row.retry_at
+                for row in conn.execute(select(destinations.c.name, destinations.c.retry_at))
+            }
+        return [
+            MessageView(
+                id=m.id,
+                state=m.state,
+                sender=m.sender,
+                size=m.size,
+                received_at=m.received_at,
+                next_attempt_at=m.next_attempt_at
+                if m.next_attempt_at is not None
+                else retry.get(m.destination),
+                attempts=m.attempts,
+                last_error=m.last_error,
+                destination=m.destination,
+                client_address=m.client_address,
+                recipients=tuple(rcpts.get(m.id, ())),
+            )
+            for m in rows
+        ]
+
+    def show(self, message_id: str) -> MessageView | None:
+        found = self.list(ids=[message_id])
+        return found[0] if found else None
+
+    def history(self, message_id: str) -> list[tuple[datetime, str, str, str, str]]:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            return [
+                (r.at, r.recipient, r.outcome, r.reply, r.remote_host)
+                for r in conn.execute(
+                    select(delivery_log)
+                    .where(delivery_log.c.message_id == message_id)
+                    .order_by(delivery_log.c.id)
+                )
+            ]
+
+    def raw(self, message_id: str) -> bytes | None:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+            data = conn.execute(
+                select(bodies.c.data)
+                .join(messages, messages.c.body_id == bodies.c.id)
+                .where(messages.c.id == message_id)
+            ).scalar()
+        return None if data is None else bytes(data)
+
+    def stats(self) -> Stats:
+        with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn, conn.begin():
+            by_state = {
+                row.state: row.n
+                for row in conn.execute(
+                    select(messages.c.state, func.count().label("n")).group_by(messages.c.state)
+                )
+            }
+            by_domain = {
+                row.destination: row.n
+                for row in conn.execute(
+                    select(messages.c.destination, func.count().label("n")).group_by(
+                        messages.c.destination
+                    )
+                )
+            }
+            oldest = conn.execute(select(func.min(messages.c.received_at))).scalar()
+        return Stats(sum(by_state.values()), by_state, by_domain, oldest)
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__

@@ -1,0 +1,198 @@
+"""The queue against a real SQLite database: put, claim, record, operator verbs."""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from relay import db
+from relay.model import MessageState, RecipientStatus
+from relay.queue import (
+    Attempt,
+    DestinationUpdate,
+    NewMessage,
+    Queue,
+    RecipientUpdate,
+    Selector,
+)
+from relay.schema import bodies, delivery_log, messages
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db")
+    db.upgrade(engine)
+    return Queue(engine)
+
+
+def new(qid: str, *rcpts: str, sender: str = "s@sender.example", at: datetime = T0) -> NewMessage:
+    return NewMessage(id=qid, sender=sender, recipients=rcpts or ("a@verrotech.com",),
+                      data=b"Subject: x\r\n\r\nbody " + qid.encode() + b"\r\n", received_at=at)
+
+
+def count(queue: Queue, table) -> int:  # type: ignore[no-untyped-def]
+    with queue.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def test_put_then_claim_returns_envelope_and_body(queue: Queue) -> None:
+    queue.put_many([new("01A", "a@verrotech.com", "b@verrotech.com")])
+    [claimed] = queue.claim_due("node", T0, limit=10, lease=600)
+    assert claimed.id == "01A"
+    assert [r.address for r in claimed.recipients] == ["a@verrotech.com", "b@verrotech.com"]
+    assert queue.body(claimed.body_id) == b"Subject: x\r\n\r\nbody 01A\r\n"
+    assert queue.show("01A").state == MessageState.ACTIVE  # type: ignore[union-attr]
+    assert queue.claim_due("other", T0, limit=10, lease=600) == []
+
+
+def test_multi_domain_message_splits_per_destination_sharing_one_body(queue: Queue) -> None:
+    queue.put_many([new("01B", "a@verrotech.com", "b@other.example", "c@verrotech.com")])
+    views = {v.id: v for v in queue.list()}
+    assert set(views) == {"01B", "01B.2"}
+    assert views["01B"].destination == "verrotech.com"
+    assert [r.address for r in views["01B"].recipients] == ["a@verrotech.com", "c@verrotech.com"]
+    assert count(queue, bodies) == 1
+    queue.delete(Selector(ids=("01B",)))
+    assert count(queue, bodies) == 1  # still used by 01B.2
+    queue.delete(Selector(ids=("01B.2",)))
+    assert count(queue, bodies) == 0
+
+
+def test_not_due_is_not_claimed_and_order_is_oldest_first(queue: Queue) -> None:
+    queue.put_many([new("02", at=T0 + timedelta(seconds=1)), new("01", at=T0),
+                    new("03", at=T0 + timedelta(seconds=60))])
+    claimed = queue.claim_due("n", T0 + timedelta(seconds=5), limit=10, lease=600)
+    assert [c.id for c in claimed] == ["01", "02"]
+
+
+def claim_one(queue: Queue, now: datetime = T0):  # type: ignore[no-untyped-def]
+    [claimed] = queue.claim_due("n", now, limit=1, lease=600)
+    return claimed
+
+
+def test_partial_outcome_keeps_only_pending_recipients(queue: Queue) -> None:
+    queue.put_many([new("01", "ok@verrotech.com", "later@verrotech.com", "no@verrotech.com")])
+    c = claim_one(queue)
+    ok, later, no = c.recipients
+    retry = T0 + timedelta(minutes=5)
+    assert queue.record(Attempt(
+        message_id=c.id, owner="n", at=T0, next_attempt_at=retry, last_error="450 busy",
+        recipients=(
+            RecipientUpdate(ok.id, ok.address, RecipientStatus.DELIVERED, "250 ok", "delivered"),
+            RecipientUpdate(later.id, later.address, RecipientStatus.DEFERRED, "450 busy",
+                            "deferred"),
+            RecipientUpdate(no.id, no.address, RecipientStatus.BOUNCED, "550 no", "bounced"),
+        ),
+        dsns=(new("DSN1", "s@sender.example", sender=""),),
+    ))
+    view = queue.show("01")
+    assert view is not None
+    assert view.state == MessageState.DEFERRED and view.attempts == 1
+    assert view.next_attempt_at == retry
+    assert {r.address: r.status for r in view.recipients} == {
+        "ok@verrotech.com": "delivered", "later@verrotech.com": "deferred",
+        "no@verrotech.com": "bounced"}
+    assert queue.show("DSN1") is not None
+    # retry: only the deferred recipient is claimed
+    [c2] = [c for c in queue.claim_due("n", retry, limit=10, lease=600) if c.id == "01"]
+    assert [r.address for r in c2.recipients] == ["later@verrotech.com"]
+    queue.record(Attempt(message_id=c2.id, owner="n", at=retry, next_attempt_at=None,
+                         recipients=(RecipientUpdate(c2.recipients[0].id, "later@verrotech.com",
+                                                     RecipientStatus.DELIVERED, "250 ok",
+                                                     "delivered"),)))
+    assert queue.show("01") is None  # left the queue; the log remains
+    assert [h[1:3] for h in queue.history("01")] == [
+        ("ok@verrotech.com", "delivered"), ("later@verrotech.com", "deferred"),
+        ("no@verrotech.com", "bounced"), ("later@verrotech.com", "delivered")]
+
+
+def test_dead_destination_parks_its_mail_and_one_probe_releases_it(queue: Queue) -> None:
+    queue.put_many([new(f"0{i}", at=T0 + timedelta(seconds=i)) for i in range(1, 6)])
+    c = claim_one(queue, T0 + timedelta(seconds=10))
+    retry = T0 + timedelta(minutes=5)
+    queue.record(Attempt(
+        message_id=c.id, owner="n", at=T0, next_attempt_at=None,
+        recipients=(RecipientUpdate(c.recipients[0].id, c.recipients[0].address,
+                                    RecipientStatus.DEFERRED, "451 refused", "deferred"),),
+        destination=DestinationUpdate("verrotech.com", up=False, retry_at=retry, error="refused"),
+    ))
+    later = T0 + timedelta(minutes=1)
+    assert queue.claim_due("n", later, limit=10, lease=600) == []  # all parked
+    assert queue.down_destinations() == {"verrotech.com": retry}
+    # new mail for a down destination is parked on arrival
+    queue.put_many([new("09", at=later)])
+    assert queue.claim_due("n", later, limit=10, lease=600) == []
+    assert queue.start_probes(later, stale_before=T0) == []
+    assert queue.start_probes(retry, stale_before=T0) == ["verrotech.com"]
+    assert queue.start_probes(retry, stale_before=T0) == []  # one probe per step
+    probe = queue.claim_due("n", retry, limit=10, lease=600)
+    assert [p.id for p in probe] == ["01"]  # the oldest
+    queue.record(Attempt(
+        message_id="01", owner="n", at=retry, next_attempt_at=None,
+        recipients=(RecipientUpdate(probe[0].recipients[0].id, probe[0].recipients[0].address,
+                                    RecipientStatus.DELIVERED, "250 ok", "delivered"),),
+        destination=DestinationUpdate("verrotech.com", up=True),
+    ))
+    drained = queue.claim_due("n", retry, limit=10, lease=600)
+    assert [d.id for d in drained] == ["02", "03", "04", "05", "09"]  # arrival order
+
+
+def test_recover_returns_active_mail_to_the_queue(queue: Queue) -> None:
+    queue.put_many([new("01")])
+    claim_one(queue)
+    assert queue.claim_due("n", T0, limit=1, lease=600) == []
+    assert queue.recover("n", T0) == 1
+    assert [c.id for c in queue.claim_due("n", T0, limit=1, lease=600)] == ["01"]
+
+
+def test_expired_lease_of_another_node_is_recovered(queue: Queue) -> None:
+    queue.put_many([new("01")])
+    queue.claim_due("other-node", T0, limit=1, lease=60)
+    assert queue.recover("me", T0 + timedelta(seconds=30)) == 0
+    assert queue.recover("me", T0 + timedelta(seconds=61)) == 1
+
+
+def test_hold_release_flush_delete(queue: Queue) -> None:
+    queue.put_many([new("01"), new("02", "x@other.example")])
+    assert queue.hold(Selector(ids=("01",))) == 1
+    assert queue.hold(Selector(ids=("01",))) == 0  # idempotent
+    assert [c.id for c in queue.claim_due("n", T0, 10, 600)] == ["02"]
+    assert queue.release(Selector(domain="verrotech.com"), T0) == 1
+    assert queue.release(Selector(domain="verrotech.com"), T0) == 0
+    assert queue.flush(Selector(everything=True), T0) == 1  # 02 is active: not touched
+    assert queue.delete(Selector(ids=("01", "02"))) == 2
+    assert queue.list() == []
+    assert count(queue, messages) == 0
+
+
+def test_record_after_operator_delete_is_harmless(queue: Queue) -> None:
+    queue.put_many([new("01")])
+    c = claim_one(queue)
+    queue.delete(Selector(ids=("01",)))
+    assert not queue.record(Attempt(
+        message_id="01", owner="n", at=T0, next_attempt_at=None,
+        recipients=(RecipientUpdate(c.recipients[0].id, c.recipients[0].address,
+                                    RecipientStatus.DELIVERED, "250 ok", "delivered"),)))
+    assert count(queue, delivery_log) == 0
+
+
+def test_stats(queue: Queue) -> None:
+    queue.put_many([new("01", at=T0), new("02", "x@other.example", at=T0 + timedelta(hours=1))])
+    queue.hold(Selector(ids=("02",)))
+    stats = queue.stats()
+    assert stats.total == 2
+    assert stats.by_state == {"deferred": 1, "hold": 1}
+    assert stats.by_domain == {"verrotech.com": 1, "other.example": 1}
+    assert stats.oldest_received_at == T0
+
+
+def test_storage_failure_keeps_nothing(queue: Queue) -> None:
+    queue.put_many([new("01")])
+    from relay.queue import QueueError
+
+    with pytest.raises(QueueError):
+        queue.put_many([new("02"), new("01")])  # duplicate id fails the whole batch
+    assert [v.id for v in queue.list()] == ["01"]

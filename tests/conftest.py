@@ -1,0 +1,1 @@
+"""Fixtures shared by every tier: real loopback servers live in tests/support."""
