@@ -8,7 +8,10 @@ Refuses any I/O: nothing here touches a socket, a clock or a database.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
+
+_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 class MessageState(enum.StrEnum):
@@ -99,8 +102,7 @@ class Reply:
     def enhanced_status(self) -> str:
         """The RFC 3463 code in the text, else one implied by the basic code."""
         first = self.text.split(" ", 1)[0]
-        parts = first.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts) and first[0] in "245":
+        if _ENHANCED.fullmatch(first):
             return first
         return {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(self.code // 100, "4.0.0")
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from ulid import ULID
 
 from relay.model import MessageState, RecipientStatus
 from relay.schema import bodies, delivery_log, destinations, messages, recipients
@@ -25,6 +26,11 @@ PENDING = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
 
 class QueueError(Exception):
     """A storage failure; the caller answers 451 or reports one line."""
+
+
+def new_queue_id() -> str:
+    """Queue IDs are ULIDs: unique across relays sharing a queue, sorted by arrival."""
+    return str(ULID())
 
 
 def domain_of(address: str) -> str:
@@ -281,7 +287,30 @@ class Queue:
         )
         return self._claim(query, owner, now, lease)
 
-    def _claim(self, query, owner: str, now: datetime, lease: float) -> list[Claimed]:  # type: ignore[no-untyped-def]
+    def claim_ids(
+        self, ids: Sequence[str], owner: str, now: datetime, lease: float
+    ) -> list[Claimed]:
+        """Lease these messages if they are waiting (deferred or on hold): for operator verbs."""
+        query = select(messages.c.id).where(
+            messages.c.id.in_(ids),
+            messages.c.state.in_((MessageState.DEFERRED.value, MessageState.HOLD.value)),
+        )
+        return self._claim(
+            query,
+            owner,
+            now,
+            lease,
+            from_states=(MessageState.DEFERRED.value, MessageState.HOLD.value),
+        )
+
+    def _claim(  # type: ignore[no-untyped-def]
+        self,
+        query,
+        owner: str,
+        now: datetime,
+        lease: float,
+        from_states: tuple[str, ...] = (MessageState.DEFERRED.value,),
+    ) -> list[Claimed]:
         if self._postgres:
             query = query.with_for_update(skip_locked=True)
         until = now + timedelta(seconds=lease)
@@ -291,7 +320,7 @@ class Queue:
                 return []
             conn.execute(
                 update(messages)
-                .where(messages.c.id.in_(ids), messages.c.state == MessageState.DEFERRED.value)
+                .where(messages.c.id.in_(ids), messages.c.state.in_(from_states))
                 .values(state=MessageState.ACTIVE.value, lease_owner=owner, lease_expires_at=until)
             )
             rows = conn.execute(
@@ -545,6 +574,24 @@ class Queue:
                 .values(
                     state=MessageState.DEFERRED.value,
                     next_attempt_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+
+    def unclaim(self, ids: Sequence[str], owner: str, due: datetime) -> int:
+        """Give back leased messages untouched (not attempted), due at `due`."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(messages)
+                .where(
+                    messages.c.id.in_(ids),
+                    messages.c.lease_owner == owner,
+                    messages.c.state == MessageState.ACTIVE.value,
+                )
+                .values(
+                    state=MessageState.DEFERRED.value,
+                    next_attempt_at=due,
                     lease_owner=None,
                     lease_expires_at=None,
                 )

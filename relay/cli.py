@@ -1,0 +1,150 @@
+"""The `relay` command: serve, check-config, db, queue.
+
+Owns argument parsing, config lookup (`-c` before or after the command
+words, then $RELAY_CONFIG, then config/relay.toml, then defaults), exit codes
+(0 ok, 1 operational error, 2 usage) and turning every expected failure into
+one stderr line instead of a traceback. Refuses queue logic: operator verbs
+call `queue.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from relay import config as configuration
+from relay import db
+from relay.config import Config, ConfigError
+from relay.queue import QueueError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> NoReturn:
+    """One clear line on stderr, exit 1."""
+    click.echo(f"relay: {message}", err=True)
+    sys.exit(1)
+
+
+def config_option(func: F) -> F:
+    """`-c/--config`, accepted on the group and on every command."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        metavar="PATH",
+        default=None,
+        help="config file (default: $RELAY_CONFIG, else config/relay.toml, else built-ins)",
+    )(func)
+
+
+def load_config(ctx: click.Context, path: str | None) -> Config:
+    """The config named after the command words wins over one named before them."""
+    chosen = path or (ctx.find_root().obj or {}).get("config_path")
+    try:
+        return configuration.load(chosen)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.version_option(package_name="mx-relay", prog_name="relay")
+@click.pass_context
+def main_group(ctx: click.Context, config_path: str | None) -> None:
+    """mx-relay: a store-and-forward SMTP backup MX relay."""
+    ctx.obj = {"config_path": config_path}
+
+
+@main_group.command()
+@config_option
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.pass_context
+def serve(ctx: click.Context, config_path: str | None, log_level: str) -> None:
+    """Run the SMTP listener, the delivery scheduler and metrics until SIGTERM."""
+    cfg = load_config(ctx, config_path)
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from relay import service
+
+    try:
+        import uvloop
+
+        runner: Callable[..., Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        runner(service.serve(cfg))
+    except (db.DatabaseError, QueueError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot start: {exc.strerror or exc}")
+
+
+@main_group.command("check-config")
+@config_option
+@click.pass_context
+def check_config(ctx: click.Context, config_path: str | None) -> None:
+    """Validate the config and print the effective settings."""
+    cfg = load_config(ctx, config_path)
+    click.echo(f"# {cfg.source}: ok")
+    click.echo(json.dumps(configuration.effective(cfg), indent=2))
+
+
+@main_group.group("db")
+def db_group() -> None:
+    """Schema migrations of the queue database."""
+
+
+@db_group.command("upgrade")
+@config_option
+@click.pass_context
+def db_upgrade(ctx: click.Context, config_path: str | None) -> None:
+    """Migrate the queue database to the newest schema."""
+    cfg = load_config(ctx, config_path)
+    try:
+        rev = db.upgrade(db.connect(cfg.queue.url))
+    except db.DatabaseError as exc:
+        fail(str(exc))
+    click.echo(f"database at revision {rev.current} (head)")
+
+
+@db_group.command("current")
+@config_option
+@click.pass_context
+def db_current(ctx: click.Context, config_path: str | None) -> None:
+    """Print the database's schema revision and whether it is current."""
+    cfg = load_config(ctx, config_path)
+    try:
+        rev = db.revision(db.connect(cfg.queue.url))
+    except db.DatabaseError as exc:
+        fail(str(exc))
+    state = "head" if rev.up_to_date else f"head is {rev.head}"
+    click.echo(f"{rev.current or 'empty'} ({state})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        from relay.cli_queue import queue_group
+
+        main_group.add_command(queue_group, "queue")
+        main_group(prog_name="relay")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,221 @@
+"""What an attempt means for the queue: a pure decision, no I/O.
+
+Owns the rules that turn one attempt's replies (or a routing failure, or
+expiry) into recipient statuses, the next attempt time, the destination's
+up/down state and the DSNs to queue. Refuses to store anything: it returns a
+`queue.Attempt` for `queue.record` to apply, so every rule is table-testable.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from relay.backoff import BackoffPolicy
+from relay.config import Config
+from relay.dsn import RecipientNotice, build_dsn
+from relay.model import DeliveryReport, Outcome, RecipientStatus, Reply
+from relay.queue import (
+    Attempt,
+    Claimed,
+    DestinationUpdate,
+    NewMessage,
+    PendingRecipient,
+    RecipientUpdate,
+    new_queue_id,
+)
+from relay.resolver import NoRoute
+
+EXPIRED_STATUS = "5.4.7"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The knobs decisions depend on, taken from config once."""
+
+    hostname: str  # Reporting-MTA of our DSNs
+    backoff: BackoffPolicy
+    delay_warning: float  # seconds; 0 = never warn
+    new_id: Callable[[], str]
+    rng: random.Random
+
+
+def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules:
+    """The decision rules of `relay serve` and the operator's `queue bounce`."""
+    return Rules(
+        hostname=config.node.hostname,
+        backoff=BackoffPolicy(
+            min_backoff=config.delivery.min_backoff,
+            max_backoff=config.delivery.max_backoff,
+            max_lifetime=config.delivery.max_lifetime,
+        ),
+        delay_warning=config.delivery.delay_warning,
+        new_id=new_queue_id,
+        rng=rng or random.Random(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    attempt: Attempt
+    results: tuple[tuple[str, Outcome, Reply], ...]  # for the mail log and metrics
+    destination_down: bool
+
+
+def decide(
+    rules: Rules,
+    message: Claimed,
+    owner: str,
+    now: datetime,
+    *,
+    report: DeliveryReport | NoRoute | None,
+    original: bytes,
+    destination_failures: int = 0,
+    operator_bounce: bool = False,
+) -> Decision:
+    """Turn one attempt into an Attempt record.
+
+    `report` is the transport's result, a resolver failure, or None when no
+    attempt was made (expired in the queue, or an operator's bounce).
+    """
+    expired = rules.backoff.expired(message.received_at, now)
+    site_failure = False
+    remote = ""
+    last_error = ""
+    if isinstance(report, DeliveryReport):
+        replies = {r.address: report.replies.get(r.address, _NO_REPLY) for r in message.recipients}
+        site_failure = report.site_failure
+        remote = report.remote_host or ""
+        if report.errors:
+            last_error = report.errors[-1]
+    elif isinstance(report, NoRoute):
+        code = 550 if report.permanent else 451
+        reply = Reply(code, f"{report.status} {report.reason}")
+        replies = {r.address: reply for r in message.recipients}
+        site_failure = not report.permanent
+        last_error = report.reason
+    elif operator_bounce:
+        reply = Reply(550, "5.0.0 message returned by the postmaster")
+        replies = {r.address: reply for r in message.recipients}
+    else:
+        reply = Reply(550, f"{EXPIRED_STATUS} message expired: too long in the queue")
+        replies = {r.address: reply for r in message.recipients}
+
+    updates: list[RecipientUpdate] = []
+    bounced: list[tuple[PendingRecipient, Reply]] = []
+    deferred: list[tuple[PendingRecipient, Reply]] = []
+    results: list[tuple[str, Outcome, Reply]] = []
+    for rcpt in message.recipients:
+        reply = replies[rcpt.address]
+        outcome = reply.outcome
+        log_outcome = outcome.value
+        if outcome is Outcome.DEFERRED and expired:
+            outcome, log_outcome = Outcome.BOUNCED, "expired"
+            reply = Reply(reply.code, reply.text)  # keep the last real reason
+        status = {
+            Outcome.DELIVERED: RecipientStatus.DELIVERED,
+            Outcome.DEFERRED: RecipientStatus.DEFERRED,
+            Outcome.BOUNCED: RecipientStatus.BOUNCED,
+        }[outcome]
+        if report is None and not operator_bounce:
+            log_outcome = "expired"
+        updates.append(RecipientUpdate(rcpt.id, rcpt.address, status, str(reply), log_outcome))
+        results.append((rcpt.address, outcome, reply))
+        if outcome is Outcome.BOUNCED:
+            bounced.append((rcpt, reply))
+        elif outcome is Outcome.DEFERRED:
+            deferred.append((rcpt, reply))
+            if not last_error:
+                last_error = str(reply)
+
+    destination: DestinationUpdate | None = None
+    next_attempt: datetime | None = None
+    if deferred:
+        if site_failure:
+            retry = rules.backoff.next_attempt(now, destination_failures + 1, rules.rng)
+            destination = DestinationUpdate(
+                message.destination, up=False, retry_at=retry, error=last_error
+            )
+        else:
+            next_attempt = rules.backoff.next_attempt(now, message.attempts + 1, rules.rng)
+    if isinstance(report, DeliveryReport) and not report.site_failure:
+        destination = DestinationUpdate(message.destination, up=True)
+
+    dsns: list[NewMessage] = []
+    if bounced and message.sender and not message.is_dsn:
+        dsns.append(_dsn(rules, message, now, original, "failed", bounced, remote))
+    warn = (
+        bool(deferred)
+        and rules.delay_warning > 0
+        and not message.delay_warned
+        and message.sender != ""
+        and not message.is_dsn
+        and now - message.received_at >= timedelta(seconds=rules.delay_warning)
+    )
+    if warn:
+        dsns.append(_dsn(rules, message, now, original, "delayed", deferred, remote))
+
+    attempt = Attempt(
+        message_id=message.id,
+        owner=owner,
+        at=now,
+        recipients=tuple(updates),
+        next_attempt_at=next_attempt,
+        last_error=last_error,
+        remote_host=remote,
+        dsns=tuple(dsns),
+        destination=destination,
+        counted=report is not None,
+        delay_warned=warn,
+    )
+    return Decision(attempt, tuple(results), destination is not None and not destination.up)
+
+
+_NO_REPLY = Reply(451, "4.3.0 no reply recorded for this recipient")
+
+
+def _dsn(
+    rules: Rules,
+    message: Claimed,
+    now: datetime,
+    original: bytes,
+    action: str,
+    recipients: Sequence[tuple[PendingRecipient, Reply]],
+    remote: str,
+) -> NewMessage:
+    remote_mta = remote.split("[", 1)[0] or None
+    until = message.received_at + timedelta(seconds=rules.backoff.max_lifetime)
+    notices = [
+        RecipientNotice(
+            address=rcpt.address,
+            action=action,  # type: ignore[arg-type]
+            reply=reply,
+            remote_mta=remote_mta if reply.code >= 400 and remote_mta else None,
+            last_attempt=now,
+            will_retry_until=until if action == "delayed" else None,
+        )
+        for rcpt, reply in recipients
+    ]
+    dsn_id = rules.new_id()
+    built = build_dsn(
+        reporting_mta=rules.hostname,
+        original_sender=message.sender,
+        queue_id=message.id,
+        dsn_id=dsn_id,
+        arrival=message.received_at,
+        now=now,
+        notices=notices,
+        original=original,
+    )
+    return NewMessage(
+        id=dsn_id,
+        sender="",
+        recipients=(message.sender,),
+        data=built.data,
+        received_at=now,
+        smtputf8=built.smtputf8,
+        eightbit=built.eightbit,
+        is_dsn=True,
+    )

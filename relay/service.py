@@ -1,0 +1,109 @@
+"""`relay serve`: wires listener, scheduler and store together, and handles signals.
+
+Owns process lifetime: migrate or refuse the database, start the SMTP
+listeners and the scheduler, stop on SIGTERM/SIGINT by closing the listeners
+first, letting in-flight deliveries finish (or putting them back), flushing
+the last commits and exiting 0. Refuses business logic: each part lives in
+its own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from relay import db, smtpd
+from relay.clock import Clock, SystemClock
+from relay.config import Config
+from relay.outcomes import rules_from_config
+from relay.queue import NewMessage, Queue, new_queue_id
+from relay.resolver import DnsResolver, Identity
+from relay.scheduler import Limits, Scheduler
+from relay.store import Store
+from relay.transport import SmtpTransport
+
+log = logging.getLogger("relay.service")
+
+SHUTDOWN_GRACE = 20.0  # seconds in-flight deliveries get to finish on SIGTERM
+
+
+def identity(config: Config) -> Identity:
+    """Who we are for MX loop avoidance: our name, listen IPs and node.addresses."""
+    addresses = {a.host for a in config.smtp.listen if a.host not in ("0.0.0.0", "::")}
+    addresses.update(config.node.addresses)
+    return Identity(hostname=config.node.hostname, addresses=frozenset(addresses))
+
+
+async def serve(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT arrive)."""
+    clock = clock or SystemClock()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, stop.set)
+
+    engine = db.connect(config.queue.url)
+    await asyncio.to_thread(db.ensure_ready, engine)
+    store = Store(Queue(engine))
+    rules = rules_from_config(config)
+    scheduler = Scheduler(
+        store=store,
+        resolver=DnsResolver(
+            nameservers=config.dns.nameserver_addresses,
+            timeout=config.dns.timeout,
+            identity=identity(config),
+            port=config.delivery.port,
+        ),
+        transport=SmtpTransport(
+            helo_name=config.node.hostname,
+            tls=config.delivery.tls,
+            connect_timeout=config.delivery.connect_timeout,
+        ),
+        rules=rules,
+        limits=Limits(
+            concurrency=config.delivery.concurrency,
+            per_destination=config.delivery.per_destination_concurrency,
+            log_retention=config.queue.log_retention,
+        ),
+        clock=clock,
+        owner=config.node.hostname,
+        next_hops={name: d.next_hop for name, d in config.domains.items() if d.next_hop},
+    )
+
+    async def submit(message: NewMessage) -> None:
+        await store.put(message)
+        scheduler.wake()
+
+    listeners = await smtpd.start_listeners(
+        config, submit, id_factory=new_queue_id, clock=clock, on_etrn=scheduler.flush_domain
+    )
+    scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+    log.info(
+        "mx-relay ready: smtp on %s, queue %s",
+        ", ".join(str(a) for a in config.smtp.listen),
+        engine.url.render_as_string(),
+    )
+    if on_ready:
+        on_ready()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: no new connections; finishing deliveries")
+        listeners.close()
+        await listeners.wait_closed()
+        await scheduler.stop(SHUTDOWN_GRACE)
+        scheduler_task.cancel()
+        await asyncio.gather(scheduler_task, return_exceptions=True)
+        await asyncio.to_thread(store.close)
+        engine.dispose()
+        log.info("stopped")
