@@ -135,8 +135,15 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
         rev = db.revision(db.connect(cfg.queue.url))
     except db.DatabaseError as exc:
         fail(str(exc))
-    state = "head" if rev.up_to_date else f"head is {rev.head}"
-    click.echo(f"{rev.current or 'empty'} ({state})")
+    if rev.up_to_date:
+        click.echo(f"{rev.current} (head)")
+    elif rev.current is None:
+        click.echo(f"empty (head is {rev.head}): run relay db upgrade")
+    elif not db.is_known(rev.current):
+        click.echo(f"{rev.current} (unknown to this relay; its head is {rev.head})")
+        sys.exit(1)
+    else:
+        click.echo(f"{rev.current} (head is {rev.head}): run relay db upgrade")
 
 
 def main() -> None:

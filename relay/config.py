@@ -190,7 +190,7 @@ class SmtpConfig(_Section):
 
 
 class QueueConfig(_Section):
-    url: str = "sqlite:///var/lib/relay/queue.db"
+    url: str = "sqlite:////var/lib/relay/queue.db"  # absolute: /var/lib/relay/queue.db
     log_retention: Duration = 7 * 86400.0
 
     @field_validator("url")

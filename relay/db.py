@@ -16,6 +16,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -117,8 +118,7 @@ def revision(engine: Engine) -> Revision:
 def upgrade(engine: Engine) -> Revision:
     """Migrate to head; refuse a database at a revision we do not know."""
     before = revision(engine)
-    script = ScriptDirectory.from_config(_alembic_config())
-    if before.current is not None and script.get_revision(before.current) is None:
+    if before.current is not None and not is_known(before.current):
         raise DatabaseError(
             f"database is at unknown revision {before.current} (newer than this relay?)"
         )
@@ -140,6 +140,15 @@ def ensure_ready(engine: Engine) -> Revision:
     if rev.current != rev.head:
         return upgrade(engine)  # refuses an unknown (newer) revision
     return rev
+
+
+def is_known(rev: str) -> bool:
+    """True for a revision shipped in migrations/."""
+    script = ScriptDirectory.from_config(_alembic_config())
+    try:
+        return script.get_revision(rev) is not None
+    except CommandError:
+        return False
 
 
 def _one_line(exc: BaseException) -> str:

@@ -14,12 +14,25 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from ulid import ULID
 
 from relay.model import MessageState, RecipientStatus
-from relay.schema import bodies, delivery_log, destinations, messages, recipients
+from relay.schema import bodies, delivery_log, destinations, messages, queue_counts, recipients
 
 PENDING = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
 
@@ -741,23 +754,115 @@ class Queue:
         return None if data is None else bytes(data)
 
     def stats(self) -> Stats:
+        """Counts by state and by domain (non-zero ones only), from `queue_counts`."""
         with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn, conn.begin():
-            by_state = {
-                row.state: row.n
-                for row in conn.execute(
-                    select(messages.c.state, func.count().label("n")).group_by(messages.c.state)
-                )
-            }
-            by_domain = {
-                row.destination: row.n
-                for row in conn.execute(
-                    select(messages.c.destination, func.count().label("n")).group_by(
-                        messages.c.destination
-                    )
-                )
-            }
+            rows = self._count_rows(conn)
             oldest = conn.execute(select(func.min(messages.c.received_at))).scalar()
-        return Stats(sum(by_state.values()), by_state, by_domain, oldest)
+        by_state: dict[str, int] = {}
+        by_domain: dict[str, int] = {}
+        for destination, state, n in rows:
+            by_state[state] = by_state.get(state, 0) + n
+            by_domain[destination] = by_domain.get(destination, 0) + n
+        return Stats(
+            sum(by_state.values()),
+            {k: v for k, v in by_state.items() if v},
+            {k: v for k, v in by_domain.items() if v},
+            oldest,
+        )
+
+    # -- queue depth (metrics, health) ---------------------------------------
+    #
+    # `queue_counts` is kept by triggers (see schema.py): these reads cost a
+    # few rows however long the queue is, and every process sharing the
+    # database reads the same numbers.
+
+    def _count_rows(self, conn: Connection) -> list[tuple[str, str, int]]:
+        """(destination, state, n) summed over shards, n != 0."""
+        n = func.sum(queue_counts.c.n)
+        query = (
+            select(queue_counts.c.destination, queue_counts.c.state, n)
+            .group_by(queue_counts.c.destination, queue_counts.c.state)
+            .having(n != 0)
+        )
+        return [(row[0], row[1], int(row[2])) for row in conn.execute(query)]
+
+    def counts(self) -> dict[str, int]:
+        """Messages per state, every state present (0 when none); O(destinations)."""
+        result = {state.value: 0 for state in MessageState}
+        n = func.sum(queue_counts.c.n)
+        query = select(queue_counts.c.state, n).group_by(queue_counts.c.state)
+        try:
+            with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+                for state, total in conn.execute(query):
+                    if total or state in result:
+                        result[state] = int(total)
+        except SQLAlchemyError as exc:
+            raise QueueError(_one_line(exc)) from exc
+        return result
+
+    def counts_by_destination(self) -> dict[str, dict[str, int]]:
+        """{destination: {state: n}} for destinations with messages; every state present."""
+        try:
+            with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+                rows = self._count_rows(conn)
+        except SQLAlchemyError as exc:
+            raise QueueError(_one_line(exc)) from exc
+        result: dict[str, dict[str, int]] = {}
+        for destination, state, n in rows:
+            per = result.setdefault(destination, {s.value: 0 for s in MessageState})
+            per[state] = per.get(state, 0) + n
+        return {d: per for d, per in result.items() if any(per.values())}
+
+    def oldest_received_at(self) -> datetime | None:
+        """When the oldest queued message arrived; min() on an index: O(log n)."""
+        try:
+            with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+                value: datetime | None = conn.execute(
+                    select(func.min(messages.c.received_at))
+                ).scalar()
+        except SQLAlchemyError as exc:
+            raise QueueError(_one_line(exc)) from exc
+        return value
+
+    def ping(self) -> None:
+        """Raise QueueError unless the database answers a trivial query."""
+        try:
+            with self.engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+                conn.execute(select(literal(1))).scalar_one()
+        except SQLAlchemyError as exc:
+            raise QueueError(_one_line(exc)) from exc
+
+    def compact_counts(self) -> int:
+        """Fold PostgreSQL's per-backend count shards into shard 0; rows folded.
+
+        Call it now and then (a minute is plenty): shards of backends that are
+        gone otherwise accumulate. Skips rows a running transaction holds, and
+        returns 0 at once when another process is compacting. SQLite: no-op.
+        """
+        if not self._postgres:
+            return 0
+        with self.engine.begin() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_xact_lock(7265616779)")).scalar():
+                return 0
+            folded = conn.execute(
+                text(
+                    """WITH folded AS (
+    DELETE FROM queue_counts
+    WHERE (destination, state, shard) IN (
+        SELECT destination, state, shard FROM queue_counts
+        WHERE shard <> 0 FOR UPDATE SKIP LOCKED
+    )
+    RETURNING destination, state, n
+)
+INSERT INTO queue_counts AS c (destination, state, shard, n)
+SELECT destination, state, 0, sum(n) FROM folded GROUP BY destination, state
+ON CONFLICT (destination, state, shard) DO UPDATE SET n = c.n + excluded.n"""
+                )
+            ).rowcount
+            conn.execute(
+                delete(queue_counts).where(queue_counts.c.shard == 0, queue_counts.c.n == 0)
+            )
+        return max(folded, 0)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -20,8 +20,9 @@ from datetime import timedelta
 
 from relay import maillog
 from relay.clock import Clock
+from relay.metrics import Metrics
 from relay.model import DeliveryReport, OutboundMessage, Outcome
-from relay.outcomes import Rules, decide
+from relay.outcomes import Decision, Rules, decide
 from relay.queue import Claimed, Queue, QueueError, Selector
 from relay.resolver import NoRoute, Resolver
 from relay.store import Store
@@ -53,6 +54,7 @@ class Scheduler:
         clock: Clock,
         owner: str,
         next_hops: dict[str, str],
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._queue: Queue = store.queue
@@ -63,6 +65,7 @@ class Scheduler:
         self._clock = clock
         self._owner = owner
         self._next_hops = next_hops
+        self._metrics = metrics or Metrics()
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._per_destination: Counter[str] = Counter()
@@ -120,11 +123,13 @@ class Scheduler:
         if mono - self._last_expiry >= self._limits.expiry_interval:
             self._last_expiry = mono
             await self._expire(now)
+            await self._store.call(self._queue.compact_counts)
         if mono - self._last_prune >= self._limits.prune_interval:
             self._last_prune = mono
             await self._store.call(
                 self._queue.prune_log, now - timedelta(seconds=self._limits.log_retention)
             )
+
         stale = now - timedelta(seconds=self._limits.lease)
         for name in await self._store.call(self._queue.start_probes, now, stale):
             log.info("destination %s: probing after backoff", name)
@@ -171,6 +176,7 @@ class Scheduler:
             )
             await self._store.call(self._queue.record, decision.attempt)
             maillog.attempt_results(message, decision, now)
+            self._count(decision, None)
 
     async def _deliver(self, message: Claimed) -> None:
         started = time.monotonic()
@@ -202,11 +208,22 @@ class Scheduler:
             retry = self._clock.now() + timedelta(seconds=self._rules.backoff.min_backoff)
             await self._store.call(self._queue.unclaim, [message.id], self._owner, retry)
             return
-        maillog.attempt_results(message, decision, now, time.monotonic() - started)
+        duration = time.monotonic() - started
+        maillog.attempt_results(message, decision, now, duration)
+        self._count(decision, duration)
         if decision.destination_down:
             log.info("destination %s is down: %s", message.destination, decision.attempt.last_error)
         if any(outcome is Outcome.BOUNCED for _, outcome, _ in decision.results):
             self.wake()  # a DSN was queued
+
+    def _count(self, decision: Decision, duration: float | None) -> None:
+        for _, outcome, _ in decision.results:
+            self._metrics.delivery(outcome)
+        if duration is not None:
+            self._metrics.observe_delivery(duration)
+        if decision.attempt.destination is not None:
+            dest = decision.attempt.destination
+            self._metrics.destination(dest.name, dest.up)
 
     async def _attempt(self, message: Claimed, original: bytes) -> DeliveryReport | NoRoute:
         route = await self._resolver.route(

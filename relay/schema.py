@@ -1,6 +1,6 @@
 """Tables of the queue, in portable SQLAlchemy Core (SQLite and PostgreSQL).
 
-Owns table and index definitions only; `queue.py` is the one module that
+Owns table, index and trigger definitions only; `queue.py` is the one module that
 reads and writes them, and `migrations/` carries every change to them.
 
 Layout, after OpenSMTPD: a message body is written once (`bodies`); the
@@ -27,8 +27,10 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    event,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.schema import DDL
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -131,4 +133,93 @@ delivery_log = Table(
     Column("outcome", String(16), nullable=False),  # model.Outcome, or "expired"
     Column("reply", Text, nullable=False, default=""),
     Column("remote_host", String(255), nullable=False, default=""),
+)
+
+# -- queue depth, kept by triggers ---------------------------------------------
+#
+# `queue_counts` holds how many `messages` rows there are per destination and
+# state, kept exact by triggers on `messages` (insert, delete, update of
+# state or destination), so every writer, present or future, keeps it right
+# and a scrape reads a few rows instead of scanning the queue. Sum `n` over
+# `shard`: on PostgreSQL each writing backend counts into its own shard (its
+# pid), so concurrent transactions never wait on, or deadlock over, a shared
+# counter row; a shard's `n` may be negative, only the sum means anything.
+# `Queue.compact_counts()` folds shards into shard 0. SQLite has one writer at
+# a time and uses shard 0 only.
+#
+# The trigger DDL below serves `metadata.create_all`; migration 0002 keeps its
+# own frozen copy, and tests/component/test_migrations.py checks the two agree.
+# A future SQLite "batch" migration that rebuilds `messages` drops its
+# triggers with the old table: it must create them again.
+
+queue_counts = Table(
+    "queue_counts",
+    metadata,
+    Column("destination", String(255), primary_key=True),
+    Column("state", String(16), primary_key=True),
+    Column("shard", Integer, primary_key=True, autoincrement=False),
+    Column("n", BigInteger, nullable=False),
+)
+
+SQLITE_COUNT_TRIGGERS = (
+    """CREATE TRIGGER trg_messages_count_insert AFTER INSERT ON messages
+BEGIN
+    INSERT INTO queue_counts (destination, state, shard, n)
+    VALUES (NEW.destination, NEW.state, 0, 1)
+    ON CONFLICT (destination, state, shard) DO UPDATE SET n = n + 1;
+END""",
+    """CREATE TRIGGER trg_messages_count_delete AFTER DELETE ON messages
+BEGIN
+    INSERT INTO queue_counts (destination, state, shard, n)
+    VALUES (OLD.destination, OLD.state, 0, -1)
+    ON CONFLICT (destination, state, shard) DO UPDATE SET n = n - 1;
+    DELETE FROM queue_counts
+    WHERE destination = OLD.destination AND state = OLD.state AND shard = 0 AND n = 0;
+END""",
+    """CREATE TRIGGER trg_messages_count_update AFTER UPDATE OF state, destination ON messages
+WHEN OLD.state IS NOT NEW.state OR OLD.destination IS NOT NEW.destination
+BEGIN
+    INSERT INTO queue_counts (destination, state, shard, n)
+    VALUES (OLD.destination, OLD.state, 0, -1)
+    ON CONFLICT (destination, state, shard) DO UPDATE SET n = n - 1;
+    DELETE FROM queue_counts
+    WHERE destination = OLD.destination AND state = OLD.state AND shard = 0 AND n = 0;
+    INSERT INTO queue_counts (destination, state, shard, n)
+    VALUES (NEW.destination, NEW.state, 0, 1)
+    ON CONFLICT (destination, state, shard) DO UPDATE SET n = n + 1;
+END""",
+)
+
+POSTGRESQL_COUNT_TRIGGERS = (
+    """CREATE FUNCTION queue_counts_track() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        INSERT INTO queue_counts AS c (destination, state, shard, n)
+        VALUES (OLD.destination, OLD.state, pg_backend_pid(), -1)
+        ON CONFLICT (destination, state, shard) DO UPDATE SET n = c.n - 1;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO queue_counts AS c (destination, state, shard, n)
+        VALUES (NEW.destination, NEW.state, pg_backend_pid(), 1)
+        ON CONFLICT (destination, state, shard) DO UPDATE SET n = c.n + 1;
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    """CREATE TRIGGER trg_messages_count_insert_delete AFTER INSERT OR DELETE ON messages
+FOR EACH ROW EXECUTE FUNCTION queue_counts_track()""",
+    """CREATE TRIGGER trg_messages_count_update AFTER UPDATE OF state, destination ON messages
+FOR EACH ROW
+WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.destination IS DISTINCT FROM NEW.destination)
+EXECUTE FUNCTION queue_counts_track()""",
+)
+
+for _statement in SQLITE_COUNT_TRIGGERS:
+    event.listen(metadata, "after_create", DDL(_statement).execute_if(dialect="sqlite"))
+for _statement in POSTGRESQL_COUNT_TRIGGERS:
+    event.listen(metadata, "after_create", DDL(_statement).execute_if(dialect="postgresql"))
+event.listen(
+    metadata,
+    "after_drop",
+    DDL("DROP FUNCTION IF EXISTS queue_counts_track()").execute_if(dialect="postgresql"),
 )

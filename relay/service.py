@@ -18,6 +18,8 @@ from collections.abc import Callable
 from relay import db, smtpd
 from relay.clock import Clock, SystemClock
 from relay.config import Config
+from relay.httpd import HealthCheck, start_http
+from relay.metrics import Metrics
 from relay.outcomes import rules_from_config
 from relay.queue import NewMessage, Queue, new_queue_id
 from relay.resolver import DnsResolver, Identity
@@ -55,6 +57,7 @@ async def serve(
     engine = db.connect(config.queue.url)
     await asyncio.to_thread(db.ensure_ready, engine)
     store = Store(Queue(engine))
+    metrics = Metrics(store.queue, clock)
     rules = rules_from_config(config)
     scheduler = Scheduler(
         store=store,
@@ -78,6 +81,7 @@ async def serve(
         clock=clock,
         owner=config.node.hostname,
         next_hops={name: d.next_hop for name, d in config.domains.items() if d.next_hop},
+        metrics=metrics,
     )
 
     async def submit(message: NewMessage) -> None:
@@ -87,6 +91,10 @@ async def serve(
     listeners = await smtpd.start_listeners(
         config, submit, id_factory=new_queue_id, clock=clock, on_etrn=scheduler.flush_domain
     )
+    http = None
+    if config.metrics.address is not None:
+        health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping)
+        http = await start_http(config.metrics.address, metrics.registry, health)
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     log.info(
         "mx-relay ready: smtp on %s, queue %s",
@@ -104,6 +112,9 @@ async def serve(
         await scheduler.stop(SHUTDOWN_GRACE)
         scheduler_task.cancel()
         await asyncio.gather(scheduler_task, return_exceptions=True)
+        if http is not None:
+            http.close()
+            await http.wait_closed()
         await asyncio.to_thread(store.close)
         engine.dispose()
         log.info("stopped")

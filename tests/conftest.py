@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.dns_server",
     "tests.support.smtp_sink",
+    "tests.support.relay_process",
 ]

@@ -1,0 +1,226 @@
+"""Accept and drain throughput of `relay serve`, printed as figures (not a test).
+
+1. Starts the relay (subprocess, SQLite queue in a temp dir) with its only
+   hosted domain's next hop on a closed port: the primary is down.
+2. Sends N messages of ~SIZE bytes, one per connection, over C parallel
+   sessions; reports accepted msg/s and DATA-end -> 250 latency percentiles.
+3. Starts a discard sink on the next hop, flushes the queue and reports the
+   drain rate (msg/s) until the queue is empty.
+
+    .venv/bin/python bench/throughput.py --messages 2000 --sessions 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+SINK_HOST = "127.0.0.2"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def body(n: int, size: int) -> bytes:
+    head = (f"From: <bench@sender.example>\r\nTo: <user@bench.example>\r\n"
+            f"Subject: bench {n}\r\nMessage-ID: <b{n}@sender.example>\r\n\r\n").encode()
+    line = b"x" * 76 + b"\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+async def send_one(port: int, data: bytes, latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+
+    async def reply() -> bytes:
+        while True:
+            line = await reader.readline()
+            if line[3:4] != b"-":
+                return line
+
+    await reply()
+    for command in (b"EHLO bench.example\r\n", b"MAIL FROM:<bench@sender.example>\r\n",
+                    b"RCPT TO:<user@bench.example>\r\n", b"DATA\r\n"):
+        writer.write(command)
+        answer = await reply()
+        if answer[:1] not in (b"2", b"3"):
+            raise RuntimeError(f"{command!r} -> {answer!r}")
+    writer.write(data + b".\r\n")
+    started = time.perf_counter()
+    answer = await reply()
+    latencies.append(time.perf_counter() - started)
+    if not answer.startswith(b"250"):
+        raise RuntimeError(f"DATA -> {answer!r}")
+    writer.write(b"QUIT\r\n")
+    await reply()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def accept_phase(
+    port: int, messages: int, sessions: int, size: int
+) -> tuple[float, list[float]]:
+    payloads = [body(n, size) for n in range(messages)]
+    latencies: list[float] = []
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for p in payloads:
+        queue.put_nowait(p)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await send_one(port, queue.get_nowait(), latencies)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(sessions)))
+    return time.perf_counter() - started, latencies
+
+
+class DiscardSink:
+    """A minimal SMTP sink in a thread: answers everything 250, counts messages."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.count = 0
+        self.sessions = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._session, self.host, self.port, backlog=512))
+        self._ready.set()
+        self._loop.run_until_complete(server.serve_forever())
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        writer.write(b"220 sink ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-sink\r\n250-8BITMIME\r\n250-PIPELINING\r\n"
+                                 b"250 SIZE 100000000\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    while await reader.readline() not in (b".\r\n", b""):
+                        pass
+                    self.count += 1
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+def relay_cmd(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "relay", "-c", str(config), *args]
+
+
+def queue_total(config: Path) -> int:
+    out = subprocess.run(relay_cmd(config, "queue", "stats", "--json"), capture_output=True,
+                         text=True, check=True)
+    return int(json.loads(out.stdout)["total"])
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--size", type=int, default=10_000)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    relay_port, sink_port = free_port(HOST), free_port(SINK_HOST)
+    config = work / "bench.toml"
+    config.write_text(f"""
+[node]
+hostname = "bench-relay.example"
+[smtp]
+listen = ["{HOST}:{relay_port}"]
+max_connections_per_ip = 1000
+max_messages_per_ip_per_minute = 0
+[queue]
+url = "sqlite:///{work}/queue.db"
+[delivery]
+min_backoff = "1h"
+max_backoff = "1h"
+connect_timeout = "2s"
+[metrics]
+listen = ""
+[domains."bench.example"]
+next_hop = "[{SINK_HOST}]:{sink_port}"
+""")
+    proc = subprocess.Popen(relay_cmd(config, "serve", "--log-level", "WARNING"),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection((HOST, relay_port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise SystemExit("relay did not start") from None
+                time.sleep(0.05)  # a benchmark harness, not a test: waiting for a port
+        elapsed, latencies = asyncio.run(
+            accept_phase(relay_port, args.messages, args.sessions, args.size))
+        latencies.sort()
+        p50 = latencies[len(latencies) // 2] * 1000
+        p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+        print(f"accept: {args.messages} msgs of ~{args.size} B over {args.sessions} sessions: "
+              f"{args.messages / elapsed:.0f} msg/s; DATA->250 p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        assert queue_total(config) == args.messages
+
+        sink = DiscardSink(SINK_HOST, sink_port)
+        started = time.perf_counter()
+        subprocess.run(relay_cmd(config, "queue", "flush", "--all"), check=True,
+                       capture_output=True)
+        while sink.count < args.messages:
+            if time.perf_counter() - started > 600:
+                raise SystemExit(f"drain stalled at {sink.count}")
+            time.sleep(0.05)
+        drained = time.perf_counter() - started
+        print(f"drain:  {args.messages} msgs to a local sink: {args.messages / drained:.0f} msg/s "
+              f"over {sink.sessions} sessions")
+        print(f"relay peak RSS: {rss_kb(proc.pid) / 1024:.0f} MB")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if os.environ.get("BENCH_KEEP") is None:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

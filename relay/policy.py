@@ -1,0 +1,278 @@
+"""Who we accept mail for: hosted domains, valid recipients, address sanity.
+
+Owns the answer to "may this RCPT TO path be relayed?" (SPEC "SMTP accept
+side"): the domain must be one of `[domains.*]`; the local part must be in the
+domain's `recipients` list or `recipients_file` when either is configured;
+source routes, `%`-hacks, `!` paths, quoted local parts and a second `@` are
+refused as relay attempts exactly like a foreign domain (Postfix with
+`allow_untrusted_routing = no`). Also owns splitting an SMTP path from its
+parameters, and re-reading a recipients file when it changes.
+
+Refuses I/O beyond an occasional `os.stat` and reading a changed recipients
+file, and refuses SMTP protocol state: `smtpd.py` decides when to ask and
+what else to check (SMTPUTF8, limits, syntax of parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.config import Config, DomainConfig
+from relay.model import Reply
+
+log = logging.getLogger("relay.policy")
+
+# Characters that make a local part route somewhere else ("user%other@us",
+# "other!user@us", "user@other@us") or hide such a route in quotes.
+_ROUTING_CHARS = frozenset('%!@"')
+# RFC 5321 atext plus "." (a dot-string); "%" and "!" are caught first above.
+# Non-ASCII is allowed here: smtpd checks SMTPUTF8 before asking us.
+_LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\x80-\U0010ffff]+")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_PATH = 256  # RFC 5321 4.5.3.1.3, without the angle brackets' slack
+
+
+class PathSyntaxError(ValueError):
+    """The argument of MAIL FROM / RCPT TO is not `<path> [params]`."""
+
+
+def split_path(argument: str) -> tuple[str, list[str]]:
+    """`<path> [SP params]` (or, leniently, a bare path) -> (path, params).
+
+    The path is returned exactly as sent, without the angle brackets and with
+    any source route kept: judging it is the caller's business. A `>` inside a
+    quoted local part does not end the path.
+    """
+    text = argument.strip()
+    if text.startswith("<"):
+        quoted = escaped = False
+        end = -1
+        for i in range(1, len(text)):
+            ch = text[i]
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = not quoted
+            elif ch == ">" and not quoted:
+                end = i
+                break
+        if end < 0:
+            raise PathSyntaxError("missing '>'")
+        path, rest = text[1:end], text[end + 1 :]
+        if rest and not rest[0].isspace():
+            raise PathSyntaxError("junk after '>'")
+    else:
+        path, _, rest = text.partition(" ")
+        if not path or "<" in path or ">" in path:
+            raise PathSyntaxError("bad path")
+    if _CONTROL_RE.search(path) or len(path) > MAX_PATH:
+        raise PathSyntaxError("bad characters in path")
+    params = rest.split()
+    if not all(_PARAM_RE.fullmatch(p) for p in params):
+        raise PathSyntaxError("bad parameter")
+    return path, params
+
+
+def sender_address(path: str) -> str:
+    """The envelope sender of `MAIL FROM:<path>`: "" for `<>`, source route dropped.
+
+    RFC 5321 4.1.1.3/C: a server SHOULD ignore a source route in MAIL FROM; the
+    sender is only where bounces go, so quoted local parts are fine here.
+    Raises PathSyntaxError for anything that cannot receive a bounce.
+    """
+    if path.startswith("@"):
+        _route, colon, path = path.partition(":")
+        if not colon:
+            raise PathSyntaxError("source route without ':'")
+    if not path:
+        return ""
+    local, at, domain = path.rpartition("@")
+    if not at or not local or not domain or not _valid_domain(domain):
+        raise PathSyntaxError("sender must be local@domain")
+    if " " in path and not (local.startswith('"') and local.endswith('"')):
+        raise PathSyntaxError("space in sender")
+    return path
+
+
+def _valid_domain(domain: str) -> bool:
+    if domain.startswith("[") and domain.endswith("]"):
+        return len(domain) > 2 and " " not in domain  # address literal
+    return domain_key(domain) is not None
+
+
+def domain_key(domain: str) -> str | None:
+    """The name a domain is configured under: lower case, one trailing dot
+    dropped, U-labels as A-labels. None when it is not a syntactically valid
+    host name (so it can never match a hosted domain)."""
+    name = domain[:-1] if domain.endswith(".") else domain
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if len(name) > 253 or not _DOMAIN_RE.fullmatch(name):
+        return None
+    return name.lower()
+
+
+def relay_denied(path: str) -> Reply:
+    return Reply(554, f"5.7.1 <{path}>: Relay access denied")
+
+
+def user_unknown(path: str) -> Reply:
+    return Reply(550, f"5.1.1 <{path}>: Recipient address rejected: User unknown")
+
+
+def lookup_failure(path: str) -> Reply:
+    return Reply(451, f"4.3.0 <{path}>: Temporary lookup failure")
+
+
+def bad_recipient_syntax(path: str) -> Reply:
+    return Reply(501, f"5.1.3 <{path}>: Bad recipient address syntax")
+
+
+class RecipientsUnavailable(Exception):
+    """The recipients file cannot be read: answer 4xx, never fall open."""
+
+
+class RecipientFile:
+    """One `recipients_file`, re-read when its inode, size or mtime change.
+
+    `os.stat` runs at most once per `recheck_interval` seconds, so the hot
+    path usually costs one clock read. Entries are the first word of each
+    line, lower-cased; blank lines and lines starting with `#` are ignored
+    (so Postfix `relay_recipients` files, "addr OK", work as they are).
+    """
+
+    def __init__(
+        self, path: str, *, recheck_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._interval = recheck_interval
+        self._monotonic = monotonic
+        self._checked_at: float | None = None
+        self._signature: tuple[int, int, int] | None = None
+        self._entries: frozenset[str] = frozenset()
+        self._error: str | None = None
+
+    def entries(self) -> frozenset[str]:
+        """The current entries; raises RecipientsUnavailable while unreadable."""
+        now = self._monotonic()
+        if self._checked_at is None or now - self._checked_at >= self._interval:
+            self._checked_at = now
+            self._refresh()
+        if self._error is not None:
+            raise RecipientsUnavailable(self._error)
+        return self._entries
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if signature == self._signature and self._error is None:
+                return
+            with open(self.path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            message = f"recipients_file {self.path}: {_describe(exc)}"
+            if message != self._error:
+                log.error("%s; answering 451 for its domain until it is readable", message)
+            self._error = message
+            self._signature = None
+            return
+        entries = set()
+        for line in text.splitlines():
+            words = line.split(None, 1)
+            if words and not words[0].startswith("#"):
+                entries.add(words[0].lower())
+        if self._error is not None or self._signature is not None:
+            log.info("recipients_file %s reloaded: %d entries", self.path, len(entries))
+        self._entries = frozenset(entries)
+        self._signature = signature
+        self._error = None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "not UTF-8 text"
+
+
+@dataclass(frozen=True, slots=True)
+class _Domain:
+    name: str
+    entries: frozenset[str]  # local parts, full addresses, or "@domain" for everyone
+    file: RecipientFile | None
+
+    @property
+    def accepts_anyone(self) -> bool:
+        return self.file is None and not self.entries
+
+
+class Policy:
+    """Hosted domains and their recipients, built once from the config."""
+
+    def __init__(
+        self, config: Config, *, recheck_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._domains = {
+            name: self._domain(name, domain, recheck_interval, monotonic)
+            for name, domain in config.domains.items()
+        }
+
+    @staticmethod
+    def _domain(
+        name: str, domain: DomainConfig, interval: float, monotonic: Callable[[], float]
+    ) -> _Domain:
+        file = (
+            RecipientFile(domain.recipients_file, recheck_interval=interval, monotonic=monotonic)
+            if domain.recipients_file else None
+        )
+        return _Domain(name, frozenset(e.lower() for e in domain.recipients), file)
+
+    def hosted(self, domain: str) -> str | None:
+        """The configured name of `domain` if we relay for it, else None."""
+        key = domain_key(domain)
+        return key if key is not None and key in self._domains else None
+
+    def check_recipient(self, path: str) -> Reply | None:
+        """None when `RCPT TO:<path>` may be accepted, else the reply to give.
+
+        Relay attempts of every shape get the same 554 as a foreign domain, so
+        that a prober learns nothing about which trick came closest.
+        """
+        if path.startswith("@") or '"' in path:
+            return relay_denied(path)  # source route, or a quoted local part
+        local, at, domain = path.rpartition("@")
+        key = self.hosted(domain) if at else None
+        if key is None or _ROUTING_CHARS.intersection(local):
+            return relay_denied(path)
+        if not _LOCAL_RE.fullmatch(local):
+            return bad_recipient_syntax(path)
+        rules = self._domains[key]
+        if rules.accepts_anyone:
+            return None
+        wanted = local.lower()
+        full = f"{wanted}@{key}"
+        if wanted in rules.entries or full in rules.entries or f"@{key}" in rules.entries:
+            return None
+        if rules.file is not None:
+            try:
+                entries = rules.file.entries()
+            except RecipientsUnavailable:
+                return lookup_failure(path)
+            if wanted in entries or full in entries or f"@{key}" in entries:
+                return None
+        return user_unknown(path)

@@ -1,0 +1,864 @@
+"""The SMTP accept side: aiosmtpd sessions that turn client mail into queue entries.
+
+Owns everything a sending MTA sees from us (SPEC "SMTP accept side"): the
+banner and EHLO keywords, MAIL/RCPT/DATA checks and their replies (all with
+RFC 3463 enhanced status codes), the prepended `Received:` header, connection
+and message-rate limits, command and DATA timeouts, STARTTLS, ETRN, and the
+rule that `250 ... queued as ID` is said only after `submit` has returned,
+i.e. after the message is durably committed.
+
+Refuses: deciding which addresses are valid (`policy.py`), storing anything
+itself (the `submit` callable does), AUTH (we never authenticate anyone),
+VRFY/EXPN (no address harvesting), and reverse DNS (the Received header says
+`unknown`).
+
+Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
+
+* end of data, too big: `552 5.3.4 Message size exceeds fixed limit`
+* end of data, a line over 998 octets: `554 5.6.0 Error: message line longer
+  than 998 octets` (500 is not a valid answer to the end of data, RFC 5321
+  4.3.2; 554 is "transaction failed")
+* end of data, a NUL byte: `554 5.6.0 Error: NUL byte in message data`
+* end of data, bare CR or LF: `550 5.5.2 Error: bare <CR> or <LF> in message
+  data`; all of these are answered only after the terminating `.`, and the
+  session goes on
+* storage failure: `451 4.3.0 Error: queue file write error`
+* ETRN: `250 2.0.0 Queuing for node D started`; `459 4.7.1 Node D not
+  allowed: access denied` for clients outside `smtp.etrn_clients`; `458 4.1.0
+  Unable to queue messages for node D: not a hosted domain`; `501 5.5.4
+  Syntax: ETRN <domain>`. `@domain` is taken as `domain`; `#queue` gets the 458.
+* timeouts: `421 4.4.2 <hostname> Error: timeout exceeded`, then close;
+  `command_timeout`/`data_timeout` of 0 mean "no timeout". `data_timeout` is
+  an idle timeout: a client that sends nothing for that long inside DATA is
+  dropped (a slow but steady client is not).
+* shutdown (`Listeners.close()`): `421 4.3.2 <hostname> Service shutting down`
+  to idle sessions at once, and to sessions receiving or storing a message
+  right after that message's reply.
+* `RCPT TO:<postmaster>` without a domain is a relay attempt like any other
+  (we deliver nothing locally).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.utils
+import ipaddress
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import maillog
+from relay.clock import Clock
+from relay.config import Config
+from relay.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path
+from relay.queue import NewMessage
+
+log = logging.getLogger("relay.smtpd")
+
+Submit = Callable[[NewMessage], Awaitable[None]]
+OnEtrn = Callable[[str], Awaitable[object]]
+
+IDENT = "ESMTP mx-relay"
+MAX_HOPS = 50
+MAX_LINE = 1000  # 998 octets + CRLF, RFC 5321 4.5.3.1.6 / RFC 5322 2.1.1
+NO_TIMEOUT = 10.0**9  # what a configured timeout of 0 means
+
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+LINE_TOO_LONG = "554 5.6.0 Error: message line longer than 998 octets"
+BARE_CR_LF = "550 5.5.2 Error: bare <CR> or <LF> in message data"
+NUL_BYTE = "554 5.6.0 Error: NUL byte in message data"
+TOO_MANY_HOPS = "554 5.4.6 Too many hops"
+STORAGE_FAILED = "451 4.3.0 Error: queue file write error"
+INTERNAL_ERROR = "451 4.3.0 Error: internal error"
+
+_DATA_PROBLEMS = {
+    TOO_BIG: "message_size",
+    LINE_TOO_LONG: "line_too_long",
+    BARE_CR_LF: "bare_cr_lf",
+    NUL_BYTE: "nul_byte",
+    TOO_MANY_HOPS: "hops",
+}
+_POLICY_REASONS = {554: "relay_denied", 550: "unknown_recipient", 451: "lookup_failure",
+                   501: "recipient_syntax"}
+
+# Each "Received:" line of the header section; the search starts at the LF
+# that ends our own Received header, so a literal "\n" leads the pattern.
+_RECEIVED_RE = re.compile(rb"\n(?i:received)[ \t]*:")
+_ENHANCED_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# Enhanced codes for aiosmtpd's own replies that lack one (RFC 3463 classes).
+_ENHANCED_DEFAULTS = {
+    451: "4.3.0", 452: "4.3.1", 454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1",
+    503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 552: "5.3.4", 553: "5.1.3", 554: "5.7.0",
+    555: "5.5.4",
+}
+_ENHANCED_2XX = {"220 Ready to start TLS": "220 2.0.0 Ready to start TLS"}
+_NOT_PRINTABLE = re.compile(r"[^!-~]")
+
+
+def enhance(status: str) -> str:
+    """Give a stock aiosmtpd reply an enhanced status code (RFC 2034).
+
+    Our own replies already carry one. The greeting, EHLO/HELO lines and 354
+    must not (RFC 2034 section 3), so only 4xx/5xx and known 2xx texts change.
+    """
+    if len(status) < 4 or not status[:3].isdigit():
+        return status
+    if status[0] not in "45":
+        return _ENHANCED_2XX.get(status, status)
+    text = status[4:]
+    if _ENHANCED_RE.match(text):
+        return status
+    code = int(status[:3])
+    return f"{status[:4]}{_ENHANCED_DEFAULTS.get(code, f'{status[0]}.0.0')} {text}"
+
+
+def client_ip(peer: object) -> str:
+    """The client's IP as text; IPv4-mapped IPv6 addresses as plain IPv4."""
+    if not isinstance(peer, tuple) or not peer:
+        return "unknown"
+    host = str(peer[0])
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _printable(text: str, limit: int = 255) -> str:
+    """Client-supplied text made safe for a header: printable ASCII, bounded."""
+    return _NOT_PRINTABLE.sub("?", text[:limit]) or "unknown"
+
+
+def _valid_utf8(text: str) -> bool:
+    """False when the client sent bytes that are not UTF-8 (decoded as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass
+class SmtpStats:
+    """Counters for the metrics endpoint (relay_smtp_*)."""
+
+    accepted: int = 0
+    rejections: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class _Shared:
+    """What every session of every listener shares: config, limits, bookkeeping."""
+
+    def __init__(
+        self, config: Config, policy: Policy, submit: Submit, id_factory: Callable[[], str],
+        clock: Clock, on_etrn: OnEtrn | None, tls_context: ssl.SSLContext | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        smtp = config.smtp
+        self.config = config
+        self.hostname = config.node.hostname
+        self.policy = policy
+        self.submit = submit
+        self.id_factory = id_factory
+        self.clock = clock
+        self.on_etrn = on_etrn
+        self.tls_context = tls_context
+        self.loop = loop
+        self.max_size = smtp.max_message_size
+        self.command_timeout = smtp.command_timeout or NO_TIMEOUT
+        self.data_timeout = smtp.data_timeout or NO_TIMEOUT
+        self.etrn_networks = tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients)
+        self.stats = SmtpStats()
+        self.closing = False
+        self.protocols: set[RelaySMTP] = set()  # every live connection, refused ones too
+        self.admitted = 0
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._mail_times: dict[str, collections.deque[float]] = {}
+        self._swept_at = 0.0
+
+    def reject(self, reason: str) -> None:
+        self.stats.rejections[reason] += 1
+
+    def admit(self, proto: RelaySMTP) -> str | None:
+        """Count a new connection in, or return the 421 greeting that refuses it."""
+        self.protocols.add(proto)
+        self.idle.clear()
+        smtp = self.config.smtp
+        ip = proto.client_ip
+        if self.closing:
+            return f"421 4.3.2 {self.hostname} Service shutting down"
+        if self.admitted >= smtp.max_connections or self.per_ip[ip] >= smtp.max_connections_per_ip:
+            self.reject("connection_limit")
+            return f"421 4.7.0 {self.hostname} Error: too many connections from {ip}"
+        self.admitted += 1
+        self.per_ip[ip] += 1
+        proto.admitted = True
+        return None
+
+    def release(self, proto: RelaySMTP) -> None:
+        """Forget a closed connection (safe to call twice)."""
+        if proto not in self.protocols:
+            return
+        self.protocols.discard(proto)
+        if proto.admitted:
+            self.admitted -= 1
+            self.per_ip[proto.client_ip] -= 1
+            if self.per_ip[proto.client_ip] <= 0:
+                del self.per_ip[proto.client_ip]
+        self.keep(proto.handler_task)
+        if not self.protocols:
+            self.idle.set()
+
+    def keep(self, future: asyncio.Future[Any] | None) -> None:
+        """Remember a task that must finish before wait_closed() returns."""
+        if future is None or future.done():
+            return
+        self.finishing.add(future)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        self.finishing.discard(future)
+        if not future.cancelled():
+            future.exception()  # retrieved: the session logged it if it still cared
+
+    def allow_message(self, ip: str) -> bool:
+        """Count one MAIL from `ip` unless it is over max_messages_per_ip_per_minute."""
+        limit = self.config.smtp.max_messages_per_ip_per_minute
+        if not limit:
+            return True
+        now = self.clock.now().timestamp()
+        cutoff = now - 60.0
+        if now - self._swept_at > 60.0:
+            self._swept_at = now
+            for key in [k for k, times in self._mail_times.items() if times[-1] <= cutoff]:
+                del self._mail_times[key]
+        times = self._mail_times.setdefault(ip, collections.deque())
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if len(times) >= limit:
+            return False
+        times.append(now)
+        return True
+
+    def etrn_allowed(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self.etrn_networks)
+
+    async def store(self, message: NewMessage) -> None:
+        """Submit, shielded: a client hanging up must not cut a commit in half."""
+        task = asyncio.ensure_future(self.submit(message))
+        self.keep(task)
+        await asyncio.shield(task)
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus what we learn at MAIL and RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body_8bitmime = False
+        self.rcpt_keys: set[str] = set()
+
+
+class RelayHandler:
+    """aiosmtpd hooks for the replies that have a hook: EHLO, NOOP, RSET, QUIT."""
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # the "new" hook form leaves this to us
+        assert isinstance(server, RelaySMTP)
+        return server.ehlo_lines()
+
+    async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope,
+                          arg: str) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "221 2.0.0 Bye"
+
+
+class RelaySMTP(SMTP):
+    """One client connection. aiosmtpd parses commands; the verbs that decide
+    anything (MAIL, RCPT, DATA, ETRN) are ours, with our replies."""
+
+    def __init__(self, shared: _Shared) -> None:
+        # Set before SMTP.__init__, which inspects this object's attributes.
+        self._shared = shared
+        self.client_ip = "unknown"
+        self.admitted = False
+        self.handler_task: asyncio.Task[None] | None = None
+        self._refusal: str | None = None
+        self._in_data = False
+        self._busy = False  # receiving or storing a message: close() lets it finish
+        self._data_seen = 0.0
+        # aiosmtpd keeps this dict on the class, shared by every session; EHLO
+        # grows it. A per-session copy keeps sessions independent.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(
+            RelayHandler(),
+            data_size_limit=shared.max_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=shared.hostname,
+            ident=IDENT,
+            tls_context=shared.tls_context,
+            timeout=shared.command_timeout,
+            auth_exclude_mechanism=("LOGIN", "PLAIN"),
+            loop=shared.loop,
+        )
+        self._smtp_methods.pop("AUTH", None)  # never offered, so "not recognized"
+
+    # -- connection lifetime ------------------------------------------------
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    def _envelope(self) -> RelayEnvelope:
+        assert isinstance(self.envelope, RelayEnvelope)
+        return self.envelope
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # not the STARTTLS layer arriving
+        super().connection_made(transport)
+        if first:
+            self.client_ip = client_ip(transport.get_extra_info("peername"))
+            self.handler_task = self._handler_coroutine
+            self._refusal = self._shared.admit(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            self._shared.release(self)
+
+    async def _handle_client(self) -> None:
+        if self._refusal is None:
+            await super()._handle_client()
+            return
+        maillog.rejected(self.client_ip, "CONNECT", self._refusal)
+        with contextlib.suppress(ConnectionError):
+            await self.push(self._refusal)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        if self._in_data:
+            idle = self.loop.time() - self._data_seen
+            if idle < self._shared.data_timeout:
+                self._timeout_handle = self.loop.call_later(
+                    self._shared.data_timeout - idle, self._timeout_cb
+                )
+                return
+        log.info("timeout %s from [%s]", "in DATA" if self._in_data else "waiting for a command",
+                 self.client_ip)
+        self._shared.reject("timeout")
+        self._say_goodbye(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+        super()._timeout_cb()
+
+    def _say_goodbye(self, reply: str) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(reply.encode("ascii") + b"\r\n")
+            transport.close()
+
+    def shutdown(self) -> None:
+        """Listeners.close(): end this session now, or after the message in hand."""
+        if not self._busy:
+            self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            if "\r" in status or "\n" in status:  # echoed client text must not split a reply
+                status = status.replace("\r", "?").replace("\n", "?")
+            status = enhance(status).encode("utf-8", "replace")
+        await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session from [%s]: unexpected error", self.client_ip, exc_info=error)
+        self._set_rset_state()
+        return INTERNAL_ERROR
+
+    # -- EHLO and the verbs we do not offer -----------------------------------
+
+    def ehlo_lines(self) -> list[str]:
+        keywords = [f"SIZE {self._shared.max_size}", "8BITMIME", "PIPELINING",
+                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.tls_context is not None and self._tls_protocol is None:
+            keywords.append("STARTTLS")
+        lines = [self.hostname, *keywords]
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def smtp_HELP(self, arg: str) -> None:
+        verbs = "DATA EHLO ETRN HELO HELP MAIL NOOP QUIT RCPT RSET"
+        if self.tls_context is not None:
+            verbs += " STARTTLS"
+        await self.push(f"214 2.0.0 Commands: {verbs}")
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        await self.push("502 5.5.1 VRFY command is disabled")
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        await self.push("502 5.5.1 EXPN command is disabled")
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_context is None:
+            await self.push("502 5.5.1 Error: command not implemented")
+        elif self._tls_protocol is not None:
+            await self.push("503 5.5.1 Error: TLS already active")
+        elif arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+        else:
+            await super().smtp_STARTTLS(arg)
+
+    # -- the mail transaction ------------------------------------------------
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None
+        envelope = self._envelope()
+        syntax = "501 5.5.4 Syntax: MAIL FROM:<address>"
+        if envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        rest = self._strip_command_keyword("FROM:", arg) if arg else None
+        if not rest:
+            await self.push(syntax)
+            return
+        try:
+            path, params = split_path(rest)
+            sender = sender_address(path)
+        except PathSyntaxError:
+            await self.push("501 5.1.7 Bad sender address syntax")
+            return
+        if params and not self.session.extended_smtp:
+            await self.push(syntax)
+            return
+        size = 0
+        body_8bitmime = smtputf8 = False
+        for param in params:
+            key, eq, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit():
+                size = int(value)
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                body_8bitmime = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8" and not eq:
+                smtputf8 = True
+            elif key in ("SIZE", "BODY", "SMTPUTF8"):
+                await self.push(f"501 5.5.4 Bad {key} parameter")
+                return
+            else:
+                await self.push(f"555 5.5.4 Unsupported option: {key}")
+                return
+        if size > self._shared.max_size:
+            await self._refuse("message_size", "MAIL", TOO_BIG, sender)
+            return
+        if not _valid_utf8(sender):
+            await self.push("501 5.1.7 Bad sender address syntax")
+            return
+        if not smtputf8 and not sender.isascii():
+            await self._refuse("smtputf8", "MAIL",
+                               "553 5.6.7 Error: non-ASCII address without SMTPUTF8", sender)
+            return
+        if not self._shared.allow_message(self.client_ip):
+            await self._refuse("rate_limit", "MAIL",
+                               f"450 4.7.1 Error: too much mail from {self.client_ip}", sender)
+            return
+        envelope.mail_from = sender
+        envelope.mail_options.extend(p.upper() for p in params)
+        envelope.smtp_utf8 = smtputf8
+        envelope.body_8bitmime = body_8bitmime
+        await self.push("250 2.1.0 Ok")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None
+        envelope = self._envelope()
+        if envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        rest = self._strip_command_keyword("TO:", arg) if arg else None
+        if not rest:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        sender = envelope.mail_from
+        if len(envelope.rcpt_tos) >= self._shared.config.smtp.max_recipients:
+            await self._refuse("too_many_recipients", "RCPT",
+                               "452 4.5.3 Error: too many recipients", sender)
+            return
+        try:
+            path, params = split_path(rest)
+        except PathSyntaxError:
+            await self._refuse("recipient_syntax", "RCPT",
+                               "501 5.1.3 Bad recipient address syntax", sender)
+            return
+        if params:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>" if not self.session.extended_smtp
+                            else f"555 5.5.4 Unsupported option: {params[0].partition('=')[0]}")
+            return
+        if not _valid_utf8(path):
+            await self._refuse("recipient_syntax", "RCPT",
+                               "501 5.1.3 Bad recipient address syntax", sender)
+            return
+        if not envelope.smtp_utf8 and not path.isascii():
+            await self._refuse("smtputf8", "RCPT",
+                               "553 5.6.7 Error: non-ASCII address without SMTPUTF8", sender)
+            return
+        verdict = self._shared.policy.check_recipient(path)
+        if verdict is not None:
+            reason = _POLICY_REASONS.get(verdict.code, "recipient")
+            await self._refuse(reason, "RCPT", str(verdict), sender, path)
+            return
+        key = path.lower()
+        if key not in envelope.rcpt_keys:  # the same mailbox twice is delivered once
+            envelope.rcpt_keys.add(key)
+            envelope.rcpt_tos.append(path)
+        await self.push("250 2.1.5 Ok")
+
+    async def _refuse(self, reason: str, stage: str, reply: str, sender: str = "",
+                      recipient: str = "") -> None:
+        self._shared.reject(reason)
+        maillog.rejected(self.client_ip, stage, reply, sender, recipient)
+        await self.push(reply)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        envelope = self._envelope()
+        if envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not envelope.rcpt_tos:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self._busy = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            received = await self._read_data()
+            if received is None:
+                return  # the client went away
+            lines, problem = received
+            if problem is None:
+                reply = await self._accept(envelope, lines)
+            else:
+                await self._refuse(_DATA_PROBLEMS[problem], "DATA", problem,
+                                   envelope.mail_from or "", ",".join(envelope.rcpt_tos))
+                reply = ""
+            self._set_post_data_state()
+            if reply:
+                await self.push(reply)
+        finally:
+            self._busy = False
+        if self._shared.closing:
+            self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
+
+    async def _read_data(self) -> tuple[list[bytes], str | None] | None:
+        """Read up to `<CRLF>.<CRLF>`: the unstuffed lines (index 0 left free for
+        our Received header), or the reply that will reject them.
+
+        Only CRLF ends a line, so a bare LF or CR stays inside one for
+        `_accept` to find, and `\\n.\\r\\n` never ends the data. After a problem
+        the rest is drained, never stored, and answered once the client is done.
+        """
+        reader = self._reader
+        clock = self.loop.time
+        limit = self._shared.max_size
+        lines: list[bytes] = [b""]
+        size = 0
+        problem: str | None = None
+        partial = False  # in the middle of a line longer than the reader's limit
+        self._in_data = True
+        self._data_seen = clock()
+        self._reset_timeout(self._shared.data_timeout)
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    await reader.read(exc.consumed)
+                    self._data_seen = clock()
+                    partial = True
+                    if problem is None:
+                        problem, lines = LINE_TOO_LONG, []
+                    continue
+                except asyncio.IncompleteReadError:
+                    if self.transport is not None:
+                        self.transport.close()
+                    return None
+                self._data_seen = clock()
+                if partial:
+                    partial = False  # the tail of an over-long line, even if it is ".\r\n"
+                    continue
+                if line == b".\r\n":
+                    break
+                if line[0] == 0x2E:  # "." : undo dot-stuffing, RFC 5321 4.5.2
+                    line = line[1:]
+                size += len(line)
+                if problem is None:
+                    if len(line) > MAX_LINE:
+                        problem = LINE_TOO_LONG
+                    elif size > limit:
+                        problem = TOO_BIG
+                    else:
+                        lines.append(line)
+                        continue
+                    lines = []
+        finally:
+            self._in_data = False
+            if self.transport is not None:  # else the session is over: no new timer
+                self._reset_timeout()
+        return lines, problem
+
+    async def _accept(self, envelope: RelayEnvelope, lines: list[bytes]) -> str:
+        """Check the joined message once, then store it; the reply to the final dot."""
+        shared = self._shared
+        queue_id = shared.id_factory()
+        now = shared.clock.now()
+        lines[0] = self._received_header(envelope, queue_id, now)
+        start = len(lines[0])
+        count = len(lines) - 1  # every line ends in CRLF: any other CR or LF is bare
+        data = b"".join(lines)
+        lines.clear()
+        problem = None
+        if data.count(b"\n", start) != count or data.count(b"\r", start) != count:
+            problem = BARE_CR_LF
+        elif data.find(b"\x00", start) >= 0:
+            problem = NUL_BYTE
+        elif _count_received(data, start) > MAX_HOPS:
+            problem = TOO_MANY_HOPS
+        sender = envelope.mail_from or ""
+        recipients = tuple(envelope.rcpt_tos)
+        if problem is not None:
+            await self._refuse(_DATA_PROBLEMS[problem], "DATA", problem, sender,
+                               ",".join(recipients))
+            return ""
+        assert self.session is not None
+        message = NewMessage(
+            id=queue_id,
+            sender=sender,
+            recipients=recipients,
+            data=data,
+            received_at=now,
+            client_address=self.client_ip,
+            client_helo=_printable(self.session.host_name or ""),
+            smtputf8=envelope.smtp_utf8,
+            eightbit=envelope.body_8bitmime or not data.isascii(),
+        )
+        try:
+            await shared.store(message)
+        except asyncio.CancelledError:
+            log.warning("%s: client [%s] went away while the message was being stored; "
+                        "if it is stored, a retry from the client will duplicate it",
+                        queue_id, self.client_ip)
+            raise
+        except Exception as exc:
+            log.error("%s: not queued, storage failed: %s", queue_id, exc, exc_info=exc)
+            shared.reject("storage")
+            maillog.rejected(self.client_ip, "DATA", STORAGE_FAILED, sender, ",".join(recipients))
+            return STORAGE_FAILED
+        shared.stats.accepted += 1
+        maillog.queued(queue_id, sender, recipients, len(data), self.client_ip,
+                       message.client_helo)
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _received_header(self, envelope: RelayEnvelope, queue_id: str, now: datetime) -> bytes:
+        assert self.session is not None
+        helo = _printable(self.session.host_name or "")
+        ip = self.client_ip
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        if not self.session.extended_smtp:
+            protocol = "SMTP"
+        else:
+            protocol = "ESMTPS" if self.session.ssl is not None else "ESMTP"
+        date = email.utils.format_datetime(now)
+        head = (f"Received: from {helo} (unknown [{literal}])\r\n"
+                f"\tby {self.hostname} (mx-relay) with {protocol} id {queue_id}")
+        if len(envelope.rcpt_tos) == 1:
+            tail = f"\r\n\tfor <{envelope.rcpt_tos[0]}>; {date}\r\n"
+        else:
+            tail = f";\r\n\t{date}\r\n"
+        return (head + tail).encode("utf-8")
+
+    # -- ETRN (RFC 1985) -----------------------------------------------------
+
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        shared = self._shared
+        if self._envelope().mail_from is not None:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        node = (arg or "").strip()
+        name = node[1:] if node[:1] in ("@", "#") else node
+        if not name.isascii() or domain_key(name) is None:
+            await self.push("501 5.5.4 Syntax: ETRN <domain>")
+            return
+        if not shared.etrn_allowed(self.client_ip):
+            await self._refuse("etrn", "ETRN", f"459 4.7.1 Node {node} not allowed: access denied")
+            return
+        domain = None if node.startswith("#") else shared.policy.hosted(name)
+        if domain is None:
+            await self.push(f"458 4.1.0 Unable to queue messages for node {node}: "
+                            "not a hosted domain")
+            return
+        if shared.on_etrn is None:
+            await self.push(f"458 4.3.0 Unable to queue messages for node {node}")
+            return
+        try:
+            await shared.on_etrn(domain)
+        except Exception as exc:
+            log.error("ETRN %s from [%s] failed: %s", domain, self.client_ip, exc, exc_info=exc)
+            await self.push(f"458 4.3.0 Unable to queue messages for node {node}")
+            return
+        log.info("ETRN %s from [%s]: queue flushed", domain, self.client_ip)
+        await self.push(f"250 2.0.0 Queuing for node {node} started")
+
+
+def _count_received(data: bytes, start: int) -> int:
+    """Received: headers in the header section (stops counting past the limit)."""
+    end = data.find(b"\r\n\r\n", start - 2)
+    end = len(data) if end < 0 else end + 2
+    count = 0
+    for _ in _RECEIVED_RE.finditer(data, start - 1, end):
+        count += 1
+        if count > MAX_HOPS:
+            break
+    return count
+
+
+class Listeners:
+    """The running SMTP servers, and a way to stop them politely."""
+
+    def __init__(self, servers: list[asyncio.Server], shared: _Shared) -> None:
+        self._servers = servers
+        self._shared = shared
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs actually bound (port 0 in config is resolved here)."""
+        return [
+            (str(sock.getsockname()[0]), int(sock.getsockname()[1]))
+            for server in self._servers for sock in server.sockets
+        ]
+
+    @property
+    def stats(self) -> SmtpStats:
+        return self._shared.stats
+
+    @property
+    def sessions_active(self) -> int:
+        return self._shared.admitted
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; sessions already connected go on."""
+        for server in self._servers:
+            server.close()
+
+    async def wait_sessions(self, timeout: float | None = None) -> bool:
+        """Wait until every connection has ended; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._shared.idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop accepting; idle sessions hear 421 now, one receiving or storing a
+        message finishes it (and hears its reply) first."""
+        self.stop_accepting()
+        self._shared.closing = True
+        for proto in list(self._shared.protocols):
+            proto.shutdown()
+
+    def abort(self) -> None:
+        """Close every connection now, mid-DATA or not (nothing half-received is kept)."""
+        self.close()
+        for proto in list(self._shared.protocols):
+            if proto.transport is not None:
+                proto.transport.close()
+
+    async def wait_closed(self) -> None:
+        """After close(): wait for sessions, their tasks and pending commits to end."""
+        for server in self._servers:
+            await server.wait_closed()
+        await self._shared.idle.wait()
+        while self._shared.finishing:
+            await asyncio.gather(*list(self._shared.finishing), return_exceptions=True)
+
+    async def __aenter__(self) -> Listeners:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The STARTTLS server context, when smtp.tls_cert and smtp.tls_key are set."""
+    if not config.smtp.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    return context
+
+
+async def start_listeners(
+    config: Config,
+    submit: Submit,
+    *,
+    id_factory: Callable[[], str],
+    clock: Clock,
+    on_etrn: OnEtrn | None = None,
+    policy: Policy | None = None,
+) -> Listeners:
+    """Listen on every smtp.listen address; returns once all are bound.
+
+    `submit` must return only after the message is durably stored (and raise
+    on failure); `on_etrn(domain)` makes that domain's mail due now.
+    """
+    loop = asyncio.get_running_loop()
+    shared = _Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,
+                     tls_context(config), loop)
+    backlog = max(100, min(config.smtp.max_connections, 4096))
+    servers: list[asyncio.Server] = []
+    try:
+        for address in config.smtp.listen:
+            servers.append(await loop.create_server(
+                lambda: RelaySMTP(shared), address.host, address.port,
+                reuse_address=True, backlog=backlog,
+            ))
+    except BaseException:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        raise
+    return Listeners(servers, shared)

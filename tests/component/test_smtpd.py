@@ -1,0 +1,917 @@
+"""The SMTP accept side over real loopback sockets, storing into a real SQLite queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+
+from relay import config as config_module
+from relay import db, smtpd
+from relay.clock import FakeClock
+from relay.policy import Policy
+from relay.queue import NewMessage, Queue, QueueError
+from relay.schema import messages, recipients
+
+HOST = "mail.verrotech.net"
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+DATE = "Sun, 01 Mar 2026 12:00:00 +0000"
+BODY = b"From: a@sender.example\r\nTo: bob@verrotech.com\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+# -- a raw SMTP client: exact bytes in, replies out -------------------------------
+
+
+@dataclass
+class Reply:
+    code: int
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def last(self) -> str:
+        return f"{self.code} {self.lines[-1]}"
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int]) -> Client:
+        reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer)
+
+    async def reply(self) -> Reply:
+        lines: list[str] = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), 20)
+            assert raw.endswith(b"\r\n"), f"connection closed after {lines!r}: {raw!r}"
+            line = raw[:-2].decode("utf-8")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return Reply(int(line[:3]), lines)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str | bytes) -> Reply:
+        await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return await self.reply()
+
+    async def ehlo(self, name: str = "client.example") -> Reply:
+        return await self.cmd(f"EHLO {name}")
+
+    async def transaction(self, sender: str, rcpts: list[str], data: bytes,
+                          mail_params: str = "") -> Reply:
+        """MAIL, RCPT..., DATA, the data dot-stuffed as given (no stuffing added)."""
+        assert (await self.cmd(f"MAIL FROM:<{sender}>{mail_params}")).code == 250
+        for rcpt in rcpts:
+            reply = await self.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.code == 250, reply
+        assert (await self.cmd("DATA")).code == 354
+        await self.send(data + b".\r\n")
+        return await self.reply()
+
+    async def at_eof(self) -> bytes:
+        """Everything until the server closes the connection."""
+        return await asyncio.wait_for(self.reader.read(), 20)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+# -- fixtures --------------------------------------------------------------------
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    engine = db.connect(f"sqlite:///{tmp_path}/q.db")
+    db.upgrade(engine)
+    return Queue(engine)
+
+
+def make_config(tmp_path: Path, smtp: dict[str, Any] | None = None,
+                domains: dict[str, Any] | None = None) -> config_module.Config:
+    (tmp_path / "recipients.txt").write_text("# staff\nbob\nalice@files.example\n")
+    data = {
+        "node": {"hostname": HOST},
+        "smtp": {"listen": ["127.0.0.1:0"], **(smtp or {})},
+        "domains": domains if domains is not None else {
+            "verrotech.com": {"recipients": ["bob", "carol@verrotech.com"]},
+            "verrotech.org": {},
+            "files.example": {"recipients_file": "recipients.txt"},
+        },
+    }
+    return config_module.from_mapping(data, env={}, base=tmp_path)
+
+
+class Ids:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> str:
+        self.n += 1
+        return f"01TEST{self.n:04d}"
+
+
+@dataclass
+class Relay:
+    listeners: smtpd.Listeners
+    queue: Queue
+    clock: FakeClock
+    etrn_calls: list[str]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.listeners.addresses[0]
+
+    async def client(self, ehlo: str | None = "client.example") -> Client:
+        client = await Client.connect(self.address)
+        banner = await client.reply()
+        assert banner.last == f"220 {HOST} ESMTP mx-relay"
+        if ehlo:
+            assert (await client.ehlo(ehlo)).code == 250
+        return client
+
+    def rows(self) -> list[Any]:
+        with self.queue.engine.connect() as conn:
+            return list(conn.execute(select(messages).order_by(messages.c.id)))
+
+    def recipients_of(self, message_id: str) -> list[str]:
+        with self.queue.engine.connect() as conn:
+            return list(conn.execute(
+                select(recipients.c.address).where(recipients.c.message_id == message_id)
+                .order_by(recipients.c.id)).scalars())
+
+
+StartRelay = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def start(tmp_path: Path, queue: Queue) -> AsyncIterator[StartRelay]:
+    running: list[smtpd.Listeners] = []
+
+    async def start_relay(
+        smtp: dict[str, Any] | None = None, domains: dict[str, Any] | None = None,
+        submit: Callable[[NewMessage], Awaitable[None]] | None = None,
+        on_etrn: Callable[[str], Awaitable[object]] | None = None,
+    ) -> Relay:
+        config = make_config(tmp_path, smtp, domains)
+        clock = FakeClock(T0)
+        calls: list[str] = []
+
+        async def record_etrn(domain: str) -> None:
+            calls.append(domain)
+
+        listeners = await smtpd.start_listeners(
+            config,
+            submit or (lambda m: asyncio.to_thread(queue.put_many, [m])),
+            id_factory=Ids(),
+            clock=clock,
+            on_etrn=on_etrn or record_etrn,
+            policy=Policy(config, recheck_interval=0),
+        )
+        running.append(listeners)
+        return Relay(listeners, queue, clock, calls)
+
+    yield start_relay
+    for listeners in running:
+        listeners.abort()
+        await listeners.wait_closed()
+
+
+@pytest.fixture
+async def relay(start: StartRelay) -> Relay:
+    return await start()
+
+
+def received_header(queue_id: str, rcpt: str | None = "bob@verrotech.com",
+                    helo: str = "client.example", protocol: str = "ESMTP") -> bytes:
+    head = (f"Received: from {helo} (unknown [127.0.0.1])\r\n"
+            f"\tby {HOST} (mx-relay) with {protocol} id {queue_id}")
+    tail = f"\r\n\tfor <{rcpt}>; {DATE}\r\n" if rcpt else f";\r\n\t{DATE}\r\n"
+    return (head + tail).encode()
+
+
+# -- greeting, EHLO, stock replies -----------------------------------------------
+
+
+async def test_banner_and_ehlo_keywords(relay: Relay) -> None:
+    client = await relay.client(ehlo=None)
+    reply = await client.ehlo()
+    assert reply.lines == [HOST, "SIZE 35000000", "8BITMIME", "PIPELINING",
+                           "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+    assert (await client.cmd("AUTH PLAIN AGJvYgBzZWNyZXQ=")).last.startswith("500 5.5.2 ")
+    await client.close()
+
+
+async def test_every_stock_reply_carries_an_enhanced_code(relay: Relay) -> None:
+    client = await relay.client(ehlo=None)
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).last == "503 5.5.1 Error: send HELO first"
+    assert (await client.cmd("EHLO")).code == 501
+    await client.ehlo()
+    replies = [
+        await client.cmd("RCPT TO:<bob@verrotech.com>"),
+        await client.cmd("DATA"),
+        await client.cmd("MAIL FROM:"),
+        await client.cmd("MAIL FROM:<a@b.example> RET=HDRS"),
+        await client.cmd("MAIL FROM:<a@b.example> SIZE=big"),
+        await client.cmd("MAIL FROM:<bob>"),
+        await client.cmd("BOGUS"),
+        await client.cmd("VRFY bob@verrotech.com"),
+        await client.cmd("EXPN staff"),
+        await client.cmd("STARTTLS"),
+        await client.cmd("ETRN"),
+        await client.cmd("HELP"),
+        await client.cmd("NOOP"),
+        await client.cmd("RSET"),
+    ]
+    assert [r.last for r in replies] == [
+        "503 5.5.1 Error: need MAIL command",
+        "503 5.5.1 Error: need MAIL command",
+        "501 5.5.4 Syntax: MAIL FROM:<address>",
+        "555 5.5.4 Unsupported option: RET",
+        "501 5.5.4 Bad SIZE parameter",
+        "501 5.1.7 Bad sender address syntax",
+        '500 5.5.2 Error: command "BOGUS" not recognized',
+        "502 5.5.1 VRFY command is disabled",
+        "502 5.5.1 EXPN command is disabled",
+        "502 5.5.1 Error: command not implemented",
+        "501 5.5.4 Syntax: ETRN <domain>",
+        "214 2.0.0 Commands: DATA EHLO ETRN HELO HELP MAIL NOOP QUIT RCPT RSET",
+        "250 2.0.0 Ok",
+        "250 2.0.0 Ok",
+    ]
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).last == "250 2.1.0 Ok"
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).last == (
+        "503 5.5.1 Error: nested MAIL command")
+    assert (await client.cmd("RCPT TO:<bob@verrotech.com> NOTIFY=NEVER")).last == (
+        "555 5.5.4 Unsupported option: NOTIFY")
+    assert (await client.cmd("RCPT TO:<bob@other.example")).last == (
+        "501 5.1.3 Bad recipient address syntax")
+    assert (await client.cmd("DATA")).last == "554 5.5.1 Error: no valid recipients"
+    assert (await client.cmd("QUIT")).last == "221 2.0.0 Bye"
+    assert await client.at_eof() == b""
+    await client.close()
+
+
+# -- RCPT: relay access, unknown users, limits ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        "bob@other.example",
+        "bob%other.example@verrotech.org",
+        "other.example!bob@verrotech.org",
+        "bob@other.example@verrotech.org",
+        '"bob@other.example"@verrotech.org',
+        '"bob"@verrotech.org',
+        "@verrotech.org:bob@other.example",
+        "@verrotech.org,@verrotech.com:bob@verrotech.org",
+        "bob@verrotech.org.other.example",
+        "bob@[127.0.0.1]",
+        "postmaster",
+    ],
+)
+async def test_relay_access_denied(relay: Relay, rcpt: str) -> None:
+    client = await relay.client()
+    assert (await client.cmd("MAIL FROM:<a@sender.example>")).code == 250
+    reply = await client.cmd(f"RCPT TO:<{rcpt}>")
+    assert reply.last == f"554 5.7.1 <{rcpt}>: Relay access denied"
+    assert (await client.cmd("DATA")).code == 554  # nothing was accepted
+    await client.close()
+    assert relay.rows() == []
+
+
+async def test_relay_denied_without_angle_brackets(relay: Relay) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:a@sender.example")
+    reply = await client.cmd("RCPT TO:bob@verrotech.com,bob@other.example")
+    assert reply.code == 554
+    assert (await client.cmd("RCPT TO:bob@verrotech.org")).last == "250 2.1.5 Ok"
+    await client.close()
+
+
+async def test_unknown_user_from_list(relay: Relay) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@sender.example>")
+    for ok in ("bob@verrotech.com", "BOB@VerroTech.com", "carol@verrotech.com"):
+        assert (await client.cmd(f"RCPT TO:<{ok}>")).last == "250 2.1.5 Ok"
+    reply = await client.cmd("RCPT TO:<dave@verrotech.com>")
+    assert reply.last == "550 5.1.1 <dave@verrotech.com>: Recipient address rejected: User unknown"
+    await client.close()
+
+
+async def test_recipients_file_edited_at_runtime_and_unreadable(relay: Relay,
+                                                                tmp_path: Path) -> None:
+    path = tmp_path / "recipients.txt"
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@sender.example>")
+    assert (await client.cmd("RCPT TO:<bob@files.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<alice@files.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<zoe@files.example>")).last == (
+        "550 5.1.1 <zoe@files.example>: Recipient address rejected: User unknown")
+    path.write_text("bob\nzoe  OK\n")
+    assert (await client.cmd("RCPT TO:<zoe@files.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<alice@files.example>")).code == 550
+    path.unlink()
+    assert (await client.cmd("RCPT TO:<bob@files.example>")).last == (
+        "451 4.3.0 <bob@files.example>: Temporary lookup failure")
+    assert (await client.cmd("RCPT TO:<anyone@files.example>")).code == 451
+    path.write_text("anyone\n")
+    assert (await client.cmd("RCPT TO:<anyone@files.example>")).code == 250
+    await client.close()
+
+
+async def test_too_many_recipients(start: StartRelay) -> None:
+    relay = await start(smtp={"max_recipients": 2})
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@sender.example>")
+    assert (await client.cmd("RCPT TO:<a@verrotech.org>")).code == 250
+    assert (await client.cmd("RCPT TO:<b@verrotech.org>")).code == 250
+    assert (await client.cmd("RCPT TO:<c@verrotech.org>")).last == (
+        "452 4.5.3 Error: too many recipients")
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(BODY + b".\r\n")
+    reply = await client.reply()
+    assert reply.code == 250
+    assert relay.recipients_of("01TEST0001") == ["a@verrotech.org", "b@verrotech.org"]
+    await client.close()
+
+
+async def test_duplicate_recipients_are_kept_once(relay: Relay) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@sender.example>")
+    for rcpt in ("Ann@verrotech.org", "ann@verrotech.org", "ann@VERROTECH.ORG"):
+        assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250
+    await client.cmd("DATA")
+    await client.send(BODY + b".\r\n")
+    assert (await client.reply()).code == 250
+    assert relay.recipients_of("01TEST0001") == ["Ann@verrotech.org"]
+    await client.close()
+
+
+# -- the happy path: 250 only after commit, exact bytes ----------------------------
+
+
+async def test_message_is_queued_with_received_header_and_exact_bytes(relay: Relay) -> None:
+    client = await relay.client()
+    data = BODY + b"..leading dot\r\n"  # a dot-stuffed line
+    reply = await client.transaction("a@sender.example", ["Bob@VerroTech.com"], data)
+    assert reply.last == "250 2.0.0 Ok: queued as 01TEST0001"
+    # The reply came after the commit: the row is there as soon as we read it.
+    [row] = relay.rows()
+    assert (row.id, row.sender, row.client_address, row.client_helo) == (
+        "01TEST0001", "a@sender.example", "127.0.0.1", "client.example")
+    assert (row.smtputf8, row.eightbit, row.destination) == (False, False, "verrotech.com")
+    assert row.received_at == T0
+    assert relay.recipients_of("01TEST0001") == ["Bob@VerroTech.com"]
+    expected = received_header("01TEST0001", "Bob@VerroTech.com") + BODY + b".leading dot\r\n"
+    assert relay.queue.raw("01TEST0001") == expected
+    assert relay.listeners.stats.accepted == 1
+    await client.close()
+
+
+async def test_received_header_variants(relay: Relay) -> None:
+    client = await relay.client(ehlo=None)
+    assert (await client.cmd("HELO old.example")).last == f"250 {HOST}"
+    reply = await client.transaction("", ["a@verrotech.org", "b@verrotech.org"], BODY)
+    assert reply.code == 250
+    raw = relay.queue.raw("01TEST0001")
+    assert raw == received_header("01TEST0001", None, "old.example", "SMTP") + BODY
+    assert relay.rows()[0].sender == ""
+    await client.cmd("EHLO weird\x01name (with) spaces")
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], BODY)).code == 250
+    raw = relay.queue.raw("01TEST0002")
+    assert raw.startswith(b"Received: from weird?name?(with)?spaces (unknown [127.0.0.1])\r\n")
+    await client.close()
+
+
+async def test_pipelined_transaction(relay: Relay) -> None:
+    client = await relay.client()
+    await client.send(b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<x@other.example>\r\n"
+                      b"RCPT TO:<a@verrotech.org>\r\nDATA\r\n")
+    codes = [(await client.reply()).code for _ in range(4)]
+    assert codes == [250, 554, 250, 354]
+    await client.send(BODY + b".\r\nRSET\r\nQUIT\r\n")
+    assert (await client.reply()).code == 250
+    assert (await client.reply()).code == 250
+    assert (await client.reply()).code == 221
+    await client.close()
+
+
+async def test_storage_failure_answers_451_and_keeps_nothing(relay: Relay) -> None:
+    # The insert of the recipients fails after the body and message rows went in:
+    # the transaction must roll all of it back.
+    with relay.queue.engine.begin() as conn:
+        conn.execute(text("CREATE TRIGGER fail BEFORE INSERT ON recipients "
+                          "BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+    client = await relay.client()
+    reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+    assert reply.last == "451 4.3.0 Error: queue file write error"
+    assert relay.rows() == []
+    assert relay.queue.raw("01TEST0001") is None
+    with relay.queue.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER fail"))
+    reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+    assert reply.last == "250 2.0.0 Ok: queued as 01TEST0002"
+    assert [r.id for r in relay.rows()] == ["01TEST0002"]
+    await client.close()
+
+
+async def test_any_submit_exception_is_451(start: StartRelay) -> None:
+    async def broken(message: NewMessage) -> None:
+        raise QueueError("database is locked")
+
+    relay = await start(submit=broken)
+    client = await relay.client()
+    reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+    assert reply.last == "451 4.3.0 Error: queue file write error"
+    assert relay.listeners.stats.rejections["storage"] == 1
+    assert (await client.cmd("NOOP")).code == 250
+    await client.close()
+
+
+async def test_reply_waits_for_submit(start: StartRelay, queue: Queue) -> None:
+    """Nothing is on the wire while submit is still running; 250 once it returned."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(message: NewMessage) -> None:
+        entered.set()
+        await gate.wait()
+        await asyncio.to_thread(queue.put_many, [message])
+
+    relay = await start(submit=slow)
+    # A plain blocking socket: a reply written before submit ran would already be
+    # in its receive queue (loopback) when `entered` is set.
+    sock = await asyncio.to_thread(socket.create_connection, relay.address, 20)
+    with sock, sock.makefile("rb") as stream:
+        await asyncio.to_thread(stream.readline)
+        sock.sendall(b"HELO client.example\r\nMAIL FROM:<a@b.example>\r\n"
+                     b"RCPT TO:<bob@verrotech.com>\r\nDATA\r\n")
+        for _ in range(4):
+            await asyncio.to_thread(stream.readline)
+        sock.sendall(BODY + b".\r\n")
+        await entered.wait()
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(100, socket.MSG_PEEK)
+        sock.settimeout(20)
+        assert relay.rows() == []
+        gate.set()
+        reply = await asyncio.to_thread(stream.readline)
+        assert reply == b"250 2.0.0 Ok: queued as 01TEST0001\r\n"
+        assert [r.id for r in relay.rows()] == ["01TEST0001"]
+
+
+# -- sizes -------------------------------------------------------------------------
+
+
+async def test_size_limit_at_mail_and_in_data(start: StartRelay) -> None:
+    relay = await start(smtp={"max_message_size": 2000})
+    client = await relay.client()
+    assert (await client.ehlo()).lines[1] == "SIZE 2000"
+    assert (await client.cmd("MAIL FROM:<a@b.example> SIZE=2001")).last == (
+        "552 5.3.4 Message size exceeds fixed limit")
+    assert (await client.cmd("MAIL FROM:<a@b.example> SIZE=2000")).code == 250
+    assert (await client.cmd("RCPT TO:<a@verrotech.org>")).code == 250
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 25)
+    await client.send(b".\r\n")
+    assert (await client.reply()).last == "552 5.3.4 Message size exceeds fixed limit"
+    assert relay.rows() == []
+    # The session goes on, and a message just under the limit is fine.
+    body = b"Subject: ok\r\n\r\n" + (b"y" * 98 + b"\r\n") * 19
+    assert len(body) <= 2000
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], body)).code == 250
+    await client.close()
+
+
+# -- smuggling, NUL, long lines -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"Subject: x\r\n\r\nbare\nLF\r\n",
+        b"Subject: x\r\n\r\nbare\rCR\r\n",
+        b"Subject: x\nTo: y\r\n\r\nbody\r\n",
+        b"Subject: x\r\n\r\nends with CR\r\r\n",
+    ],
+)
+async def test_bare_cr_or_lf_is_rejected(relay: Relay, data: bytes) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    await client.send(data + b".\r\n")
+    assert (await client.reply()).last == "550 5.5.2 Error: bare <CR> or <LF> in message data"
+    assert relay.rows() == []
+    assert (await client.cmd("NOOP")).code == 250
+    await client.close()
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r\n", b"\r\n.\r"])
+async def test_smuggled_message_is_neither_ended_early_nor_queued(relay: Relay,
+                                                                  fake_end: bytes) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    smuggled = (b"Subject: outer\r\n\r\nhello" + fake_end
+                + b"MAIL FROM:<admin@verrotech.org>\r\nRCPT TO:<victim@verrotech.org>\r\n"
+                b"DATA\r\nSubject: smuggled\r\n\r\nevil\r\n")
+    await client.send(smuggled + b".\r\n")
+    # Exactly one reply: the whole thing was one message, and it was refused.
+    assert (await client.reply()).last == "550 5.5.2 Error: bare <CR> or <LF> in message data"
+    assert (await client.cmd("NOOP")).last == "250 2.0.0 Ok"
+    assert relay.rows() == []
+    await client.close()
+
+
+async def test_nul_byte_is_rejected_and_the_session_goes_on(relay: Relay) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    await client.send(b"Subject: x\r\n\r\nnul\x00here\r\n.\r\n")
+    assert (await client.reply()).last == "554 5.6.0 Error: NUL byte in message data"
+    assert relay.rows() == []
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], BODY)).code == 250
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"x" * 999,  # one octet over 998
+        b"y" * 1002,  # just past the reader's own limit
+        b"z" * 100_000,  # far past it, arriving in many pieces
+        b"w" * 5000 + b".",  # the tail left after the reader's limit looks like an end
+    ],
+)
+async def test_long_lines_are_rejected_and_the_session_goes_on(relay: Relay, line: bytes) -> None:
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    await client.send(b"Subject: x\r\n\r\n" + line + b"\r\nafter\r\n.\r\n")
+    assert (await client.reply()).last == "554 5.6.0 Error: message line longer than 998 octets"
+    assert relay.rows() == []
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], BODY)).code == 250
+    await client.close()
+
+
+async def test_998_octet_lines_are_fine_even_dot_stuffed(relay: Relay) -> None:
+    client = await relay.client()
+    body = b"Subject: x\r\n\r\n" + b"a" * 998 + b"\r\n"
+    stuffed = b"Subject: x\r\n\r\n." + b"." * 998 + b"\r\n"
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], body)).code == 250
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], stuffed)).code == 250
+    assert relay.queue.raw("01TEST0002").endswith(b"\r\n\r\n" + b"." * 998 + b"\r\n")  # type: ignore[union-attr]
+    await client.close()
+
+
+# -- hops ----------------------------------------------------------------------------
+
+
+def with_received(count: int, body_received: int = 0) -> bytes:
+    hops = b"".join(b"Received: from h%d.example by h%d.example; " % (i, i + 1)
+                    + DATE.encode() + b"\r\n" for i in range(count))
+    tail = b"received: not a header, we are in the body\r\n" * body_received
+    return hops + b"Subject: loop?\r\n\r\nbody\r\n" + tail
+
+
+async def test_fifty_hops_are_fine_fifty_one_are_a_loop(relay: Relay) -> None:
+    client = await relay.client()
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"],
+                                     with_received(50, body_received=60))).code == 250
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"],
+                                     with_received(51))).last == "554 5.4.6 Too many hops"
+    folded = with_received(50).replace(b"Subject", b"RECEIVED  :\r\n\tfrom folded\r\nSubject")
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"],
+                                     folded)).last == "554 5.4.6 Too many hops"
+    assert [r.id for r in relay.rows()] == ["01TEST0001"]
+    await client.close()
+
+
+# -- 8-bit and SMTPUTF8 ------------------------------------------------------------------
+
+
+async def test_eight_bit_flags(relay: Relay) -> None:
+    client = await relay.client()
+    latin = "Subject: café\r\n\r\nGrüße\r\n".encode()
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], latin)).code == 250
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], BODY,
+                                     " BODY=8BITMIME")).code == 250
+    assert (await client.transaction("a@b.example", ["a@verrotech.org"], BODY,
+                                     " BODY=7BIT")).code == 250
+    assert [(r.eightbit, r.smtputf8) for r in relay.rows()] == [
+        (True, False), (True, False), (False, False)]
+    assert relay.queue.raw("01TEST0001").endswith(latin)  # type: ignore[union-attr]
+    await client.close()
+
+
+async def test_non_ascii_addresses_need_smtputf8(relay: Relay) -> None:
+    client = await relay.client()
+    assert (await client.cmd("MAIL FROM:<jöran@sender.example>")).last == (
+        "553 5.6.7 Error: non-ASCII address without SMTPUTF8")
+    assert (await client.cmd("MAIL FROM:<a@sender.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<jöran@verrotech.org>")).last == (
+        "553 5.6.7 Error: non-ASCII address without SMTPUTF8")
+    assert (await client.cmd(b"RCPT TO:<j\xffran@verrotech.org>")).last == (
+        "501 5.1.3 Bad recipient address syntax")
+    await client.cmd("RSET")
+    reply = await client.transaction("jöran@sender.example", ["jöran@verrotech.org"], BODY,
+                                     " SMTPUTF8")
+    assert reply.code == 250
+    [row] = relay.rows()
+    assert (row.sender, row.smtputf8) == ("jöran@sender.example", True)
+    assert relay.recipients_of(row.id) == ["jöran@verrotech.org"]
+    assert relay.queue.raw(row.id).startswith(  # type: ignore[union-attr]
+        received_header(row.id, "jöran@verrotech.org").split(b"\r\n\tfor")[0])
+    assert "for <jöran@verrotech.org>;".encode() in relay.queue.raw(row.id)  # type: ignore[operator]
+    await client.close()
+
+
+# -- STARTTLS ------------------------------------------------------------------------------
+
+
+async def test_starttls(start: StartRelay, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert(HOST)
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    relay = await start(smtp={"tls_cert": "cert.pem", "tls_key": "cert.pem"})
+    client = await relay.client(ehlo=None)
+    assert (await client.ehlo()).lines[-1] == "STARTTLS"
+    assert (await client.cmd("HELP")).last.endswith(" STARTTLS")
+    assert (await client.cmd("STARTTLS")).last == "220 2.0.0 Ready to start TLS"
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    await client.writer.start_tls(context, server_hostname=HOST)
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).code == 503  # EHLO again first
+    reply = await client.ehlo()
+    assert "STARTTLS" not in reply.lines and "AUTH" not in " ".join(reply.lines)
+    assert (await client.cmd("STARTTLS")).last == "503 5.5.1 Error: TLS already active"
+    assert (await client.transaction("a@b.example", ["bob@verrotech.com"], BODY)).code == 250
+    assert relay.queue.raw("01TEST0001") == received_header(
+        "01TEST0001", protocol="ESMTPS") + BODY
+    await client.close()
+
+
+# -- connection and rate limits ----------------------------------------------------------------
+
+
+async def test_connections_per_ip(start: StartRelay) -> None:
+    relay = await start(smtp={"max_connections_per_ip": 2})
+    first, second = await relay.client(), await relay.client()
+    assert relay.listeners.sessions_active == 2
+    refused = await Client.connect(relay.address)
+    assert (await refused.reply()).last == (
+        f"421 4.7.0 {HOST} Error: too many connections from 127.0.0.1")
+    assert await refused.at_eof() == b""
+    await refused.close()
+    await first.cmd("QUIT")
+    await first.at_eof()
+    await first.close()
+    third = await relay.client()  # a slot was freed
+    for client in (second, third):
+        await client.close()
+    assert await relay.listeners.wait_sessions(20)
+    assert relay.listeners.stats.rejections["connection_limit"] == 1
+
+
+async def test_total_connections(start: StartRelay) -> None:
+    relay = await start(smtp={"max_connections": 1})
+    first = await relay.client()
+    refused = await Client.connect(relay.address)
+    assert (await refused.reply()).code == 421
+    assert await refused.at_eof() == b""
+    for client in (first, refused):
+        await client.close()
+
+
+async def test_messages_per_ip_per_minute(start: StartRelay) -> None:
+    relay = await start(smtp={"max_messages_per_ip_per_minute": 2})
+    client = await relay.client()
+    for _ in range(2):
+        assert (await client.cmd("MAIL FROM:<a@b.example>")).code == 250
+        await client.cmd("RSET")
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).last == (
+        "450 4.7.1 Error: too much mail from 127.0.0.1")
+    relay.clock.advance(61)
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).code == 250
+    await client.close()
+
+
+async def test_rate_limit_zero_means_unlimited(start: StartRelay) -> None:
+    relay = await start(smtp={"max_messages_per_ip_per_minute": 0})
+    client = await relay.client()
+    for _ in range(20):
+        assert (await client.cmd("MAIL FROM:<a@b.example>")).code == 250
+        await client.cmd("RSET")
+    await client.close()
+
+
+# -- timeouts ------------------------------------------------------------------------------------
+
+
+async def test_command_timeout(start: StartRelay) -> None:
+    relay = await start(smtp={"command_timeout": 0.2})
+    client = await relay.client()
+    assert await client.at_eof() == f"421 4.4.2 {HOST} Error: timeout exceeded\r\n".encode()
+    await client.close()
+
+
+async def test_data_timeout_drops_a_stalled_client_and_keeps_nothing(start: StartRelay) -> None:
+    relay = await start(smtp={"command_timeout": 60, "data_timeout": 0.2})
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    await client.send(BODY)  # and then nothing
+    assert await client.at_eof() == f"421 4.4.2 {HOST} Error: timeout exceeded\r\n".encode()
+    await client.close()
+    assert await relay.listeners.wait_sessions(20)
+    assert relay.rows() == []
+
+
+async def test_slow_but_steady_data_outlives_the_command_timeout(start: StartRelay) -> None:
+    relay = await start(smtp={"command_timeout": 0.3, "data_timeout": 10})
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    for i in range(8):  # 0.8 s in all, never 0.3 s without a byte
+        await client.send(b"line %d\r\n" % i)
+        await asyncio.sleep(0.1)
+    await client.send(b".\r\n")
+    assert (await client.reply()).code == 250
+    await client.close()
+
+
+# -- ETRN ------------------------------------------------------------------------------------
+
+
+async def test_etrn_from_an_allowed_client(start: StartRelay) -> None:
+    relay = await start(smtp={"etrn_clients": ["127.0.0.0/8"]})
+    client = await relay.client()
+    assert (await client.cmd("ETRN verrotech.com")).last == (
+        "250 2.0.0 Queuing for node verrotech.com started")
+    assert (await client.cmd("ETRN @VerroTech.org")).code == 250
+    assert relay.etrn_calls == ["verrotech.com", "verrotech.org"]
+    assert (await client.cmd("ETRN other.example")).last == (
+        "458 4.1.0 Unable to queue messages for node other.example: not a hosted domain")
+    assert (await client.cmd("ETRN #queue")).code == 458
+    for bad in ("ETRN", "ETRN foo..bar", "ETRN a b", "ETRN [127.0.0.1]"):
+        assert (await client.cmd(bad)).last == "501 5.5.4 Syntax: ETRN <domain>"
+    await client.cmd("MAIL FROM:<a@b.example>")
+    assert (await client.cmd("ETRN verrotech.com")).code == 503
+    assert relay.etrn_calls == ["verrotech.com", "verrotech.org"]
+    await client.close()
+
+
+async def test_etrn_refused_for_other_clients(start: StartRelay) -> None:
+    relay = await start(smtp={"etrn_clients": ["10.0.0.0/8", "::1"]})
+    client = await relay.client()
+    assert (await client.cmd("ETRN verrotech.com")).last == (
+        "459 4.7.1 Node verrotech.com not allowed: access denied")
+    assert relay.etrn_calls == []
+    await client.close()
+
+
+async def test_etrn_failure_is_458(start: StartRelay) -> None:
+    async def broken(domain: str) -> None:
+        raise RuntimeError("database gone")
+
+    relay = await start(smtp={"etrn_clients": ["127.0.0.1"]}, on_etrn=broken)
+    client = await relay.client()
+    assert (await client.cmd("ETRN verrotech.com")).last == (
+        "458 4.3.0 Unable to queue messages for node verrotech.com")
+    await client.close()
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+
+async def test_close_lets_a_message_in_flight_finish(start: StartRelay) -> None:
+    relay = await start()
+    idle = await relay.client()
+    busy = await relay.client()
+    await busy.cmd("MAIL FROM:<a@b.example>")
+    await busy.cmd("RCPT TO:<a@verrotech.org>")
+    await busy.cmd("DATA")
+    await busy.send(BODY)
+    address = relay.address
+    relay.listeners.close()
+    assert await idle.at_eof() == f"421 4.3.2 {HOST} Service shutting down\r\n".encode()
+    with pytest.raises(OSError):
+        await Client.connect(address)
+    await busy.send(b".\r\n")
+    assert (await busy.reply()).code == 250
+    assert await busy.at_eof() == f"421 4.3.2 {HOST} Service shutting down\r\n".encode()
+    await relay.listeners.wait_closed()
+    assert [r.id for r in relay.rows()] == ["01TEST0001"]
+    for client in (idle, busy):
+        await client.close()
+
+
+# -- fuzzing RCPT over the wire: never a 250 for anything but a hosted domain ---------------
+
+_SAFE_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~.-]+")
+_HOSTED = {"verrotech.com", "verrotech.org", "files.example"}
+_PIECES = st.sampled_from(
+    ["bob", "x", "@", "%", "!", '"', ":", ",", ".", "<", ">", "\\", " ", "[", "]", "ö",
+     "verrotech.org", "verrotech.com", "other.example", "VERROTECH.ORG", "@verrotech.org",
+     "@other.example", "127.0.0.1", "-", "\t", "(", ")"]
+)
+
+
+@contextlib.contextmanager
+def relay_in_thread(config: config_module.Config) -> Iterator[tuple[str, int]]:
+    """The relay on its own loop in a thread, for a synchronous (hypothesis) test."""
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        async def submit(message: NewMessage) -> None:
+            raise QueueError("not in this test")
+
+        listeners = await smtpd.start_listeners(config, submit, id_factory=Ids(),
+                                                clock=FakeClock(T0))
+        holder["listeners"], holder["stop"] = listeners, asyncio.Event()
+        ready.set()
+        await holder["stop"].wait()
+        listeners.abort()
+        await listeners.wait_closed()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),))
+    thread.start()
+    try:
+        assert ready.wait(20)
+        yield holder["listeners"].addresses[0]
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(20)
+        loop.close()
+
+
+def test_fuzz_rcpt_never_relays(tmp_path: Path) -> None:
+    config = make_config(tmp_path, {"max_recipients": 1000})
+    with relay_in_thread(config) as address, socket.create_connection(address, 20) as sock:
+        stream = sock.makefile("rb")
+
+        def reply() -> str:
+            while True:
+                line = stream.readline().decode("utf-8", "replace")
+                assert line.endswith("\r\n"), line
+                if line[3] != "-":
+                    return line[:-2]
+
+        def cmd(line: str) -> str:
+            sock.sendall(line.encode() + b"\r\n")
+            return reply()
+
+        reply()
+        cmd("EHLO fuzz.example")
+        assert cmd("MAIL FROM:<a@b.example> SMTPUTF8").startswith("250")
+
+        @settings(max_examples=300, deadline=None)
+        @given(parts=st.lists(_PIECES, max_size=8), bracket=st.booleans())
+        def check(parts: list[str], bracket: bool) -> None:
+            address = "".join(parts)
+            answer = cmd(f"RCPT TO:<{address}>" if bracket else f"RCPT TO:{address}")
+            if answer.startswith("2"):
+                local, _, domain = address.rpartition("@")
+                assert _SAFE_LOCAL.fullmatch(local.replace("ö", "o")), (address, answer)
+                assert domain.lower().removesuffix(".") in _HOSTED, (address, answer)
+            else:
+                assert answer[:1] in "45", answer
+
+        check()
+        stream.close()
