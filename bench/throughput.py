@@ -133,6 +133,10 @@ class DiscardSink:
 
 
 def relay_cmd(config: Path, *args: str) -> list[str]:
+    profile = os.environ.get("BENCH_PROFILE")  # a path: cProfile the relay's event loop thread
+    if profile and args[:1] == ("serve",):
+        return [sys.executable, "-m", "cProfile", "-o", profile, "-m", "relay", "-c",
+                str(config), *args]
     return [sys.executable, "-m", "relay", "-c", str(config), *args]
 
 

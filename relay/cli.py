@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -19,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from relay import config as configuration
-from relay import db
+from relay import db, maillog
 from relay.config import Config, ConfigError
 from relay.queue import QueueError
 
@@ -68,19 +67,15 @@ def main_group(ctx: click.Context, config_path: str | None) -> None:
 @config_option
 @click.option(
     "--log-level",
-    default="INFO",
-    show_default=True,
+    default=None,
+    help="override [log] level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
 @click.pass_context
-def serve(ctx: click.Context, config_path: str | None, log_level: str) -> None:
+def serve(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """Run the SMTP listener, the delivery scheduler and metrics until SIGTERM."""
     cfg = load_config(ctx, config_path)
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    maillog.setup(log_level or cfg.log.level, json_lines=cfg.log.format == "json")
     from relay import service
 
     try:

@@ -255,6 +255,11 @@ class MetricsConfig(_Section):
         return _listen_address(self.listen) if self.listen else None
 
 
+class LogConfig(_Section):
+    format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class DomainConfig(_Section):
     recipients: tuple[str, ...] = ()
     recipients_file: str = ""
@@ -280,6 +285,7 @@ class Config(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     dns: DnsConfig = DnsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     domains: dict[str, DomainConfig] = {}
     source: str = "<defaults>"
 

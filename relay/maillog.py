@@ -1,16 +1,20 @@
 """The mail log: one grep-friendly line per event, keyed by queue ID.
 
-Owns the wording of events operators grep for (`queued`, `rejected`,
-`delivered`, `deferred`, `bounced`, `expired`), in the manner of Postfix's
-maillog: `ID: event key=value, ...`. Refuses to decide anything.
+Owns the events operators grep for: `queued`, `rejected`, `attempt`,
+`delivered`, `deferred`, `bounced`, `expired` (and `dsn` when a sender
+notification is queued), each with the client IP, sender, recipient, next
+hop, remote reply and delay where they apply. Text in the manner of Postfix's
+maillog (`ID: event key=value, ...`) by default; one JSON object per line
+with `[log] format = "json"`. Refuses to decide anything.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from relay.outcomes import Decision
@@ -18,47 +22,98 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.mail")
 
+NOQUEUE = "NOQUEUE"  # Postfix's word for "rejected before a queue ID existed"
 
-def queued(
-    queue_id: str, sender: str, recipients: Sequence[str], size: int, client: str, helo: str
-) -> None:
-    log.info(
-        "%s: queued from=<%s>, to=<%s>, size=%d, client=%s, helo=%s",
-        queue_id,
-        sender,
-        ">,<".join(recipients),
-        size,
-        client,
-        helo,
-    )
+
+def _emit(event: str, queue_id: str, **fields: Any) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    text = ", ".join(f"{key}={_text(value)}" for key, value in fields.items())
+    log.info("%s: %s %s", queue_id, event, text,
+             extra={"mail_event": {"event": event, "id": queue_id, **fields}})
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _addr(address: str) -> str:
+    return f"<{address}>"
+
+
+def queued(queue_id: str, sender: str, recipients: Sequence[str], size: int, client: str,
+           helo: str) -> None:
+    _emit("queued", queue_id, client=client, helo=helo, **{"from": _addr(sender)},
+          to=",".join(_addr(r) for r in recipients), nrcpt=len(recipients), size=size)
 
 
 def rejected(client: str, stage: str, reply: str, sender: str = "", recipient: str = "") -> None:
-    log.info(
-        "NOQUEUE: rejected stage=%s, client=%s, from=<%s>, to=<%s>, reply=%s",
-        stage,
-        client,
-        sender,
-        recipient,
-        reply,
-    )
+    _emit("rejected", NOQUEUE, client=client, stage=stage, **{"from": _addr(sender)},
+          to=_addr(recipient), reply=reply)
 
 
-def attempt_results(
-    message: Claimed, decision: Decision, now: datetime, duration: float | None = None
-) -> None:
-    attempt = decision.attempt
+def attempt(message: Claimed, next_hop: str) -> None:
+    _emit("attempt", message.id, **{"from": _addr(message.sender)},
+          to=",".join(_addr(r.address) for r in message.recipients),
+          destination=message.destination, next_hop=next_hop or "MX",
+          attempts=message.attempts + 1)
+
+
+def attempt_results(message: Claimed, decision: Decision, now: datetime,
+                    duration: float | None = None) -> None:
+    """One line per recipient: `delivered`, `deferred`, `bounced` or `expired`."""
+    result = decision.attempt
     delay = (now - message.received_at).total_seconds()
-    for update in attempt.recipients:
-        log.info(
-            "%s: %s to=<%s>, relay=%s, delay=%.1f, attempts=%d, reply=%s",
-            message.id,
-            update.outcome,
-            update.address,
-            attempt.remote_host or "none",
-            delay,
-            message.attempts + (1 if attempt.counted else 0),
-            update.reply,
-        )
-    for dsn in attempt.dsns:
-        log.info("%s: sender notification %s to=<%s>", message.id, dsn.id, message.sender)
+    for update in result.recipients:
+        fields: dict[str, Any] = {
+            "from": _addr(message.sender), "to": _addr(update.address),
+            "relay": result.remote_host or "none", "delay": delay,
+            "attempts": message.attempts + (1 if result.counted else 0),
+        }
+        if duration is not None:
+            fields["duration"] = duration
+        if update.status.value == "deferred" and result.next_attempt_at is not None:
+            fields["next_attempt"] = result.next_attempt_at.isoformat()
+        elif update.status.value == "deferred" and result.destination is not None:
+            fields["next_attempt"] = "when the destination answers"
+        fields["reply"] = update.reply
+        _emit(update.outcome, message.id, **fields)
+    for dsn in result.dsns:
+        _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn.id,
+              kind="delayed" if not any(u.status.final for u in result.recipients)
+              else "failed")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; mail events carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        event = getattr(record, "mail_event", None)
+        if event is not None:
+            payload.update(event)
+        else:
+            payload["message"] = record.getMessage()
+        if record.exc_info:
+            payload["error"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup(level: str = "INFO", json_lines: bool = False) -> None:
+    """Send every log line (mail events included) to stderr, as text or JSON."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's own chatter
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # service logs the revision

@@ -379,75 +379,102 @@ class Queue:
             raise QueueError(f"body {body_id} is missing")
         return bytes(data)
 
+    def apply(self, ops: Sequence[NewMessage | Attempt]) -> list[bool | QueueError]:
+        """Group commit: puts and recorded attempts in one transaction (one fsync).
+
+        Each operation runs in its own savepoint, so one that fails is rolled
+        back alone and reported in its slot; the others commit. A failing
+        commit raises QueueError: then none of them is stored.
+        """
+        results: list[bool | QueueError] = []
+        try:
+            with self.engine.begin() as conn:
+                for op in ops:
+                    try:
+                        with conn.begin_nested():
+                            if isinstance(op, NewMessage):
+                                self._insert(conn, [op])
+                                results.append(True)
+                            else:
+                                results.append(self._record(conn, op))
+                    except SQLAlchemyError as exc:
+                        results.append(QueueError(_one_line(exc)))
+        except SQLAlchemyError as exc:
+            raise QueueError(_one_line(exc)) from exc
+        return results
+
     def record(self, attempt: Attempt) -> bool:
         """Apply an attempt; False if the message vanished meanwhile (operator delete)."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                select(
-                    messages.c.state,
-                    messages.c.lease_owner,
-                    messages.c.body_id,
-                    messages.c.destination,
-                ).where(messages.c.id == attempt.message_id)
-            ).first()
-            if row is None:
-                if attempt.dsns:
-                    self._insert(conn, attempt.dsns)
-                return False
-            for upd in attempt.recipients:
-                conn.execute(
-                    update(recipients)
-                    .where(recipients.c.id == upd.recipient_id)
-                    .values(
-                        status=upd.status.value,
-                        last_reply=upd.reply,
-                        last_attempt_at=attempt.at,
-                        attempts=recipients.c.attempts + (1 if attempt.counted else 0),
-                    )
-                )
-            if attempt.recipients:
-                conn.execute(
-                    insert(delivery_log),
-                    [
-                        {
-                            "message_id": attempt.message_id,
-                            "recipient": upd.address,
-                            "at": attempt.at,
-                            "outcome": upd.outcome,
-                            "reply": upd.reply,
-                            "remote_host": attempt.remote_host,
-                        }
-                        for upd in attempt.recipients
-                    ],
-                )
+            return self._record(conn, attempt)
+
+    def _record(self, conn: Connection, attempt: Attempt) -> bool:
+        row = conn.execute(
+            select(
+                messages.c.state,
+                messages.c.lease_owner,
+                messages.c.body_id,
+                messages.c.destination,
+            ).where(messages.c.id == attempt.message_id)
+        ).first()
+        if row is None:
             if attempt.dsns:
                 self._insert(conn, attempt.dsns)
-            pending = conn.execute(
-                select(func.count())
-                .select_from(recipients)
-                .where(
-                    recipients.c.message_id == attempt.message_id, recipients.c.status.in_(PENDING)
+            return False
+        for upd in attempt.recipients:
+            conn.execute(
+                update(recipients)
+                .where(recipients.c.id == upd.recipient_id)
+                .values(
+                    status=upd.status.value,
+                    last_reply=upd.reply,
+                    last_attempt_at=attempt.at,
+                    attempts=recipients.c.attempts + (1 if attempt.counted else 0),
                 )
-            ).scalar_one()
-            if pending == 0:
-                self._remove(conn, [attempt.message_id])
-            else:
-                held = row.state == MessageState.HOLD.value
-                values = {
-                    "state": MessageState.HOLD.value if held else MessageState.DEFERRED.value,
-                    "next_attempt_at": attempt.next_attempt_at,
-                    "attempts": messages.c.attempts + (1 if attempt.counted else 0),
-                    "last_error": attempt.last_error,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                }
-                if attempt.delay_warned:
-                    values["delay_warned"] = True
-                conn.execute(
-                    update(messages).where(messages.c.id == attempt.message_id).values(**values)
-                )
-            if attempt.destination is not None:
-                self._set_destination(conn, attempt.destination, attempt.at)
+            )
+        if attempt.recipients:
+            conn.execute(
+                insert(delivery_log),
+                [
+                    {
+                        "message_id": attempt.message_id,
+                        "recipient": upd.address,
+                        "at": attempt.at,
+                        "outcome": upd.outcome,
+                        "reply": upd.reply,
+                        "remote_host": attempt.remote_host,
+                    }
+                    for upd in attempt.recipients
+                ],
+            )
+        if attempt.dsns:
+            self._insert(conn, attempt.dsns)
+        pending = conn.execute(
+            select(func.count())
+            .select_from(recipients)
+            .where(
+                recipients.c.message_id == attempt.message_id, recipients.c.status.in_(PENDING)
+            )
+        ).scalar_one()
+        if pending == 0:
+            self._remove(conn, [attempt.message_id])
+        else:
+            held = row.state == MessageState.HOLD.value
+            values = {
+                "state": MessageState.HOLD.value if held else MessageState.DEFERRED.value,
+                "next_attempt_at": attempt.next_attempt_at,
+                "attempts": messages.c.attempts + (1 if attempt.counted else 0),
+                "last_error": attempt.last_error,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            }
+            if attempt.delay_warned:
+                values["delay_warned"] = True
+            conn.execute(
+                update(messages).where(messages.c.id == attempt.message_id).values(**values)
+            )
+        if attempt.destination is not None:
+            self._set_destination(conn, attempt.destination, attempt.at)
         return True
 
     def _set_destination(self, conn: Connection, dest: DestinationUpdate, now: datetime) -> None:
@@ -593,9 +620,12 @@ class Queue:
             ).rowcount
 
     def unclaim(self, ids: Sequence[str], owner: str, due: datetime) -> int:
-        """Give back leased messages untouched (not attempted), due at `due`."""
+        """Give back leased messages unattempted, due at `due` (or, if their
+        destination is down, parked until its probe)."""
+        if not ids:
+            return 0
         with self.engine.begin() as conn:
-            return conn.execute(
+            count = conn.execute(
                 update(messages)
                 .where(
                     messages.c.id.in_(ids),
@@ -609,6 +639,18 @@ class Queue:
                     lease_expires_at=None,
                 )
             ).rowcount
+            conn.execute(
+                update(messages)
+                .where(
+                    messages.c.id.in_(ids),
+                    messages.c.state == MessageState.DEFERRED.value,
+                    messages.c.destination.in_(
+                        select(destinations.c.name).where(destinations.c.up.is_(False))
+                    ),
+                )
+                .values(next_attempt_at=None)
+            )
+            return count
 
     def prune_log(self, before: datetime) -> int:
         with self.engine.begin() as conn:

@@ -1,11 +1,14 @@
 """The queue manager: picks due work, runs deliveries, records what happened.
 
 Owns the delivery loop (Postfix's qmgr): wake on new mail, an operator's
-flush, a finished delivery or a poll tick; claim due messages within the
-global and per-destination concurrency limits; probe dead destinations once
-per backoff step; bounce what expired; hand every attempt's decision to the
-queue. Refuses to speak SMTP or DNS itself (transport, resolver) and to write
-SQL (queue, through the store).
+flush, a finished delivery or a poll tick; claim due messages in batches into
+per-destination ready lists; run per-destination workers (each delivers its
+destination's messages one after another, so the transport reuses the
+session) within the global limit and each destination's slow-start window,
+taking destinations round-robin; probe dead destinations once per backoff
+step; bounce what expired; hand every attempt's decision to the queue.
+Refuses to speak SMTP or DNS itself (transport, resolver) and to write SQL
+(queue, through the store).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from relay import maillog
 from relay.clock import Clock
@@ -26,9 +29,12 @@ from relay.outcomes import Decision, Rules, decide
 from relay.queue import Claimed, Queue, QueueError, Selector
 from relay.resolver import NoRoute, Resolver
 from relay.store import Store
+from relay.throttle import Window, pushed_back
 from relay.transport import Transport
 
 log = logging.getLogger("relay.scheduler")
+
+PUSH_BACK_DELAY = 1.0  # seconds before a throttled message is offered again
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,11 @@ class Limits:
     expiry_interval: float = 60.0
     prune_interval: float = 3600.0
     log_retention: float = 7 * 86400.0
+
+    @property
+    def buffer(self) -> int:
+        """Claimed-but-not-started messages we hold at most: claims come in batches."""
+        return 2 * self.concurrency
 
 
 class Scheduler:
@@ -67,8 +78,11 @@ class Scheduler:
         self._next_hops = next_hops
         self._metrics = metrics or Metrics()
         self._wake = asyncio.Event()
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._per_destination: Counter[str] = Counter()
+        self._ready: dict[str, deque[Claimed]] = {}
+        self._workers: Counter[str] = Counter()
+        self._windows: dict[str, Window] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._turn = 0  # round-robin start among destinations
         self._stopping = False
         self._last_expiry = 0.0
         self._last_prune = 0.0
@@ -85,8 +99,13 @@ class Scheduler:
         self.wake()
         return count
 
+    @property
+    def busy(self) -> int:
+        """Deliveries running now."""
+        return sum(self._workers.values())
+
     async def run(self) -> None:
-        """Loop until stop(); in-flight deliveries are awaited by stop()."""
+        """Loop until stop(); running deliveries are awaited by stop()."""
         now = self._clock.now()
         recovered = await self._store.call(self._queue.recover, self._owner, now)
         if recovered:
@@ -108,7 +127,11 @@ class Scheduler:
         """Stop claiming; let deliveries finish for `grace` seconds, then put them back."""
         self._stopping = True
         self._wake.set()
-        tasks = list(self._inflight.values())
+        waiting = [m.id for ready in self._ready.values() for m in ready]
+        self._ready.clear()
+        if waiting:
+            await self._store.call(self._queue.unclaim, waiting, self._owner, self._clock.now())
+        tasks = list(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
@@ -117,8 +140,30 @@ class Scheduler:
                 await asyncio.gather(*pending, return_exceptions=True)
                 await self._store.call(self._queue.recover, self._owner, self._clock.now())
 
+    # ------------------------------------------------------------ one pass
+
     async def _pass(self) -> None:
         now = self._clock.now()
+        await self._housekeeping(now)
+        stale = now - timedelta(seconds=self._limits.lease)
+        for name in await self._store.call(self._queue.start_probes, now, stale):
+            log.info("destination %s: probing after backoff", name)
+        buffered = sum(len(r) for r in self._ready.values())
+        room = self._limits.buffer - buffered
+        if room >= self._limits.concurrency // 2 or (buffered == 0 and room > 0):
+            # Destinations that already have a session's worth waiting are left
+            # out, so one busy destination cannot fill the batch (fairness).
+            saturated = [
+                d for d, r in self._ready.items() if len(r) >= self._limits.per_destination
+            ]
+            claimed = await self._store.call(
+                self._queue.claim_due, self._owner, now, room, self._limits.lease, saturated
+            )
+            for message in claimed:
+                self._ready.setdefault(message.destination, deque()).append(message)
+        self._start_workers()
+
+    async def _housekeeping(self, now: datetime) -> None:
         mono = time.monotonic()
         if mono - self._last_expiry >= self._limits.expiry_interval:
             self._last_expiry = mono
@@ -130,91 +175,135 @@ class Scheduler:
                 self._queue.prune_log, now - timedelta(seconds=self._limits.log_retention)
             )
 
-        stale = now - timedelta(seconds=self._limits.lease)
-        for name in await self._store.call(self._queue.start_probes, now, stale):
-            log.info("destination %s: probing after backoff", name)
-        free = self._limits.concurrency - len(self._inflight)
-        if free <= 0:
+    def _window(self, destination: str) -> Window:
+        window = self._windows.get(destination)
+        if window is None:
+            window = self._windows[destination] = Window(self._limits.per_destination)
+        return window
+
+    def _start_workers(self) -> None:
+        """Give each destination with waiting mail workers up to its window, in turns."""
+        destinations = [d for d, r in self._ready.items() if r]
+        if not destinations:
             return
-        full = [d for d, n in self._per_destination.items() if n >= self._limits.per_destination]
-        limit = min(free, self._limits.per_destination)
-        claimed = await self._store.call(
-            self._queue.claim_due, self._owner, now, limit, self._limits.lease, full
-        )
-        over = []
-        for message in claimed:
-            if self._per_destination[message.destination] >= self._limits.per_destination:
-                over.append(message.id)
-            else:
-                self._start(message)
-        if over:  # more due mail for a busy destination than it may take now
-            await self._store.call(self._queue.unclaim, over, self._owner, now)
+        self._turn = (self._turn + 1) % len(destinations)
+        order = destinations[self._turn:] + destinations[: self._turn]
+        progress = True
+        while progress and self.busy < self._limits.concurrency:
+            progress = False
+            for destination in order:  # one worker per destination per round
+                if self.busy >= self._limits.concurrency:
+                    break
+                waiting = len(self._ready.get(destination, ()))
+                running = self._workers[destination]
+                if waiting > 0 and running < min(self._window(destination).sessions,
+                                                 running + waiting):
+                    self._spawn(destination)
+                    progress = True
 
-    def _start(self, message: Claimed) -> None:
-        self._per_destination[message.destination] += 1
-        task = asyncio.create_task(self._deliver(message), name=f"deliver-{message.id}")
-        self._inflight[message.id] = task
+    def _spawn(self, destination: str) -> None:
+        self._workers[destination] += 1
+        task = asyncio.create_task(self._worker(destination), name=f"deliver-{destination}")
+        self._tasks.add(task)
 
-        def done(_: asyncio.Task[None]) -> None:
-            self._inflight.pop(message.id, None)
-            self._per_destination[message.destination] -= 1
-            if self._per_destination[message.destination] <= 0:
-                del self._per_destination[message.destination]
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            self._workers[destination] -= 1
+            if self._workers[destination] <= 0:
+                del self._workers[destination]
+            if not self._ready.get(destination):
+                self._ready.pop(destination, None)
+                if destination not in self._workers:
+                    self._windows.pop(destination, None)  # idle: slow start again next time
             self._wake.set()
 
         task.add_done_callback(done)
 
-    async def _expire(self, now) -> None:  # type: ignore[no-untyped-def]
+    async def _worker(self, destination: str) -> None:
+        """Deliver `destination`'s waiting messages one after another (session reuse)."""
+        ready = self._ready.get(destination)
+        while ready and not self._stopping:
+            if self._workers[destination] > self._window(destination).sessions:
+                return  # the window shrank: fewer sessions from now on
+            message = ready.popleft()
+            verdict = await self._deliver(message)
+            if verdict == "down":
+                await self._park_rest(destination)
+                return
+            if verdict == "push_back":
+                return
+
+    async def _park_rest(self, destination: str) -> None:
+        """The destination is down: its other claimed messages wait for the probe."""
+        rest = self._ready.pop(destination, deque())
+        if rest:
+            await self._store.call(
+                self._queue.unclaim, [m.id for m in rest], self._owner, self._clock.now()
+            )
+
+    # ------------------------------------------------------------ one message
+
+    async def _expire(self, now: datetime) -> None:
         cutoff = now - timedelta(seconds=self._rules.backoff.max_lifetime)
         expired = await self._store.call(
             self._queue.claim_expired, self._owner, now, cutoff, 500, self._limits.lease
         )
         for message in expired:
-            original = await self._store.call(self._queue.body, message.body_id)
+            original = await self._store.read(self._queue.body, message.body_id)
             decision = decide(
                 self._rules, message, self._owner, now, report=None, original=original
             )
-            await self._store.call(self._queue.record, decision.attempt)
+            await self._store.record(decision.attempt)
             maillog.attempt_results(message, decision, now)
             self._count(decision, None)
 
-    async def _deliver(self, message: Claimed) -> None:
+    async def _deliver(self, message: Claimed) -> str:
+        """Attempt one message; "ok", "down" (site failure) or "push_back"."""
         started = time.monotonic()
         now = self._clock.now()
+        window = self._window(message.destination)
         try:
-            original = await self._store.call(self._queue.body, message.body_id)
+            original = await self._store.read(self._queue.body, message.body_id)
             if self._rules.backoff.expired(message.received_at, now):
                 report: DeliveryReport | NoRoute | None = None
             else:
                 report = await self._attempt(message, original)
+            if (isinstance(report, DeliveryReport) and pushed_back(report)
+                    and self._workers[message.destination] > 1):
+                window.push_back()
+                retry = self._clock.now() + timedelta(seconds=PUSH_BACK_DELAY)
+                await self._store.call(self._queue.unclaim, [message.id], self._owner, retry)
+                log.info("destination %s pushed back; window now %d sessions",
+                         message.destination, window.sessions)
+                return "push_back"
             now = self._clock.now()
             failures = 0
             if isinstance(report, NoRoute | DeliveryReport) and _site_failure(report):
-                failures = await self._store.call(self._queue.failures, message.destination)
+                failures = await self._store.read(self._queue.failures, message.destination)
             decision = decide(
-                self._rules,
-                message,
-                self._owner,
-                now,
-                report=report,
-                original=original,
+                self._rules, message, self._owner, now, report=report, original=original,
                 destination_failures=failures,
             )
-            await self._store.call(self._queue.record, decision.attempt)
+            await self._store.record(decision.attempt)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", message.id)
             retry = self._clock.now() + timedelta(seconds=self._rules.backoff.min_backoff)
             await self._store.call(self._queue.unclaim, [message.id], self._owner, retry)
-            return
+            return "ok"
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)
         self._count(decision, duration)
-        if decision.destination_down:
-            log.info("destination %s is down: %s", message.destination, decision.attempt.last_error)
         if any(outcome is Outcome.BOUNCED for _, outcome, _ in decision.results):
             self.wake()  # a DSN was queued
+        if decision.destination_down:
+            log.info("destination %s is down: %s", message.destination,
+                     decision.attempt.last_error)
+            return "down"
+        if any(outcome is Outcome.DELIVERED for _, outcome, _ in decision.results):
+            window.success()
+        return "ok"
 
     def _count(self, decision: Decision, duration: float | None) -> None:
         for _, outcome, _ in decision.results:
@@ -226,9 +315,9 @@ class Scheduler:
             self._metrics.destination(dest.name, dest.up)
 
     async def _attempt(self, message: Claimed, original: bytes) -> DeliveryReport | NoRoute:
-        route = await self._resolver.route(
-            message.destination, self._next_hops.get(message.destination, "")
-        )
+        next_hop = self._next_hops.get(message.destination, "")
+        maillog.attempt(message, next_hop)
+        route = await self._resolver.route(message.destination, next_hop)
         if isinstance(route, NoRoute):
             return route
         outbound = OutboundMessage(

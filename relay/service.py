@@ -55,10 +55,16 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
 
     engine = db.connect(config.queue.url)
-    await asyncio.to_thread(db.ensure_ready, engine)
+    revision = await asyncio.to_thread(db.ensure_ready, engine)
+    log.info("queue database at schema revision %s", revision.current)
     store = Store(Queue(engine))
     metrics = Metrics(store.queue, clock)
     rules = rules_from_config(config)
+    transport = SmtpTransport(
+        helo_name=config.node.hostname,
+        tls=config.delivery.tls,
+        connect_timeout=config.delivery.connect_timeout,
+    )
     scheduler = Scheduler(
         store=store,
         resolver=DnsResolver(
@@ -67,11 +73,7 @@ async def serve(
             identity=identity(config),
             port=config.delivery.port,
         ),
-        transport=SmtpTransport(
-            helo_name=config.node.hostname,
-            tls=config.delivery.tls,
-            connect_timeout=config.delivery.connect_timeout,
-        ),
+        transport=transport,
         rules=rules,
         limits=Limits(
             concurrency=config.delivery.concurrency,
@@ -89,7 +91,12 @@ async def serve(
         scheduler.wake()
 
     listeners = await smtpd.start_listeners(
-        config, submit, id_factory=new_queue_id, clock=clock, on_etrn=scheduler.flush_domain
+        config,
+        submit,
+        id_factory=new_queue_id,
+        clock=clock,
+        on_etrn=scheduler.flush_domain,
+        metrics=metrics,
     )
     http = None
     if config.metrics.address is not None:
@@ -112,6 +119,7 @@ async def serve(
         await scheduler.stop(SHUTDOWN_GRACE)
         scheduler_task.cancel()
         await asyncio.gather(scheduler_task, return_exceptions=True)
+        await transport.close()
         if http is not None:
             http.close()
             await http.wait_closed()

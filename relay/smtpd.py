@@ -34,8 +34,18 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
 * shutdown (`Listeners.close()`): `421 4.3.2 <hostname> Service shutting down`
   to idle sessions at once, and to sessions receiving or storing a message
   right after that message's reply.
+* connection limits, in the greeting: `421 4.7.0 <hostname> Error: too many
+  connections from <ip>` (for the per-IP and the total limit alike)
+* a non-ASCII address without `SMTPUTF8` in MAIL: `553 5.6.7 Error: non-ASCII
+  address without SMTPUTF8` (RFC 6531 3.5); bytes that are not UTF-8: 501
 * `RCPT TO:<postmaster>` without a domain is a relay attempt like any other
   (we deliver nothing locally).
+
+Built on aiosmtpd 1.4's command loop; besides its documented hooks we override
+`_handle_client` (refusing greeting), `_timeout_cb` (idle timeout in DATA, 421
+before closing) and `_create_envelope`, and replace MAIL/RCPT/DATA outright:
+stock aiosmtpd replies lack enhanced codes and its DATA keeps the command
+timer running. `push` adds enhanced codes to the stock replies that remain.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import asyncio
 import collections
 import contextlib
 import email.utils
+import functools
 import ipaddress
 import logging
 import re
@@ -51,9 +62,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from relay import maillog
 from relay.clock import Clock
@@ -148,6 +159,15 @@ def _valid_utf8(text: str) -> bool:
     return True
 
 
+class SmtpMetrics(Protocol):
+    """What we report to `relay.metrics.Metrics` (relay_smtp_*)."""
+
+    def accepted(self, messages: int = 1) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+    def session_started(self) -> None: ...
+    def session_ended(self) -> None: ...
+
+
 @dataclass
 class SmtpStats:
     """Counters for the metrics endpoint (relay_smtp_*)."""
@@ -162,7 +182,7 @@ class _Shared:
     def __init__(
         self, config: Config, policy: Policy, submit: Submit, id_factory: Callable[[], str],
         clock: Clock, on_etrn: OnEtrn | None, tls_context: ssl.SSLContext | None,
-        loop: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop, metrics: SmtpMetrics | None,
     ) -> None:
         smtp = config.smtp
         self.config = config
@@ -179,6 +199,7 @@ class _Shared:
         self.data_timeout = smtp.data_timeout or NO_TIMEOUT
         self.etrn_networks = tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients)
         self.stats = SmtpStats()
+        self.metrics = metrics
         self.closing = False
         self.protocols: set[RelaySMTP] = set()  # every live connection, refused ones too
         self.admitted = 0
@@ -191,6 +212,13 @@ class _Shared:
 
     def reject(self, reason: str) -> None:
         self.stats.rejections[reason] += 1
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
+
+    def accepted(self) -> None:
+        self.stats.accepted += 1
+        if self.metrics is not None:
+            self.metrics.accepted()
 
     def admit(self, proto: RelaySMTP) -> str | None:
         """Count a new connection in, or return the 421 greeting that refuses it."""
@@ -206,6 +234,8 @@ class _Shared:
         self.admitted += 1
         self.per_ip[ip] += 1
         proto.admitted = True
+        if self.metrics is not None:
+            self.metrics.session_started()
         return None
 
     def release(self, proto: RelaySMTP) -> None:
@@ -218,6 +248,8 @@ class _Shared:
             self.per_ip[proto.client_ip] -= 1
             if self.per_ip[proto.client_ip] <= 0:
                 del self.per_ip[proto.client_ip]
+            if self.metrics is not None:
+                self.metrics.session_ended()
         self.keep(proto.handler_task)
         if not self.protocols:
             self.idle.set()
@@ -264,7 +296,21 @@ class _Shared:
         """Submit, shielded: a client hanging up must not cut a commit in half."""
         task = asyncio.ensure_future(self.submit(message))
         self.keep(task)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(_orphan_outcome, message.id))
+            raise
+
+
+def _orphan_outcome(queue_id: str, task: asyncio.Future[None]) -> None:
+    """Log how a commit ended whose client left before hearing the answer."""
+    if task.cancelled() or task.exception() is not None:
+        log.warning("%s: client went away during the commit, which failed; nothing kept",
+                    queue_id)
+    else:
+        log.warning("%s: client went away during the commit, which succeeded; it will be "
+                    "delivered, and a retry by the client will duplicate it", queue_id)
 
 
 class RelayEnvelope(Envelope):
@@ -398,6 +444,9 @@ class RelaySMTP(SMTP):
         await super().push(status)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # routine on the internet: no traceback
+            log.info("TLS handshake with [%s] failed: %s", self.client_ip, error.__cause__)
+            return INTERNAL_ERROR  # aiosmtpd closes the connection without sending it
         log.error("session from [%s]: unexpected error", self.client_ip, exc_info=error)
         self._set_rset_state()
         return INTERNAL_ERROR
@@ -676,16 +725,13 @@ class RelaySMTP(SMTP):
         try:
             await shared.store(message)
         except asyncio.CancelledError:
-            log.warning("%s: client [%s] went away while the message was being stored; "
-                        "if it is stored, a retry from the client will duplicate it",
-                        queue_id, self.client_ip)
             raise
         except Exception as exc:
             log.error("%s: not queued, storage failed: %s", queue_id, exc, exc_info=exc)
             shared.reject("storage")
             maillog.rejected(self.client_ip, "DATA", STORAGE_FAILED, sender, ",".join(recipients))
             return STORAGE_FAILED
-        shared.stats.accepted += 1
+        shared.accepted()
         maillog.queued(queue_id, sender, recipients, len(data), self.client_ip,
                        message.client_helo)
         return f"250 2.0.0 Ok: queued as {queue_id}"
@@ -839,15 +885,18 @@ async def start_listeners(
     clock: Clock,
     on_etrn: OnEtrn | None = None,
     policy: Policy | None = None,
+    metrics: SmtpMetrics | None = None,
 ) -> Listeners:
     """Listen on every smtp.listen address; returns once all are bound.
 
     `submit` must return only after the message is durably stored (and raise
-    on failure); `on_etrn(domain)` makes that domain's mail due now.
+    on failure); `on_etrn(domain)` makes that domain's mail due now; `policy`
+    defaults to one built from `config`; `metrics` (a `relay.metrics.Metrics`)
+    gets accepted messages, rejections by reason and open sessions.
     """
     loop = asyncio.get_running_loop()
     shared = _Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,
-                     tls_context(config), loop)
+                     tls_context(config), loop, metrics)
     backlog = max(100, min(config.smtp.max_connections, 4096))
     servers: list[asyncio.Server] = []
     try:

@@ -29,7 +29,9 @@ import logging
 import os
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 import aiosmtplib
@@ -65,6 +67,10 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 _QUIT_TIMEOUT = 10.0  # waiting for "221" is a courtesy, not worth longer
 _CLOSE_TIMEOUT = 10.0  # waiting for the socket to be gone (a TLS shutdown)
+
+REUSE_LIMIT = 100  # messages per session before a fresh connection
+IDLE_TIME = 5.0  # seconds an unused session waits for the next message
+MAX_SESSION_AGE = 300.0  # seconds: then a fresh connection (Postfix's reuse time limit)
 
 SOFT_FAILURE = 451  # code of the synthetic replies that defer
 HARD_FAILURE = 550  # code of the synthetic replies that bounce
@@ -477,8 +483,8 @@ class _Session:
                 replies.update(self._all([*accepted, *recipients[index + 1 :]], _remote(response)))
                 return replies
 
+        self._needs_rset = True  # whatever happens next, the next transaction starts clean
         if not accepted:
-            self._needs_rset = True
             return replies
 
         try:
@@ -496,8 +502,6 @@ class _Session:
             )
         else:
             reply = _remote(response)
-            if not 200 <= response.code < 300:
-                self._needs_rset = True
         replies.update(self._all(accepted, reply))
         return replies
 
@@ -562,6 +566,11 @@ class _Session:
         if self._raw is not None and not self._raw.is_closing():
             self._raw.abort()
 
+    @property
+    def connected(self) -> bool:
+        """Still usable for another transaction."""
+        return self._smtp is not None and self._smtp.is_connected
+
     # ------------------------------------------------------------ helpers
 
     def _require(self) -> _Client:
@@ -615,7 +624,13 @@ class _Session:
 
 
 class SmtpTransport:
-    """`Transport` over SMTP with aiosmtplib: one fresh session per hop tried.
+    """`Transport` over SMTP with aiosmtplib, reusing sessions per remote address.
+
+    A session that delivered a message waits up to IDLE_TIME for the next
+    message to the same address (RSET between transactions), for at most
+    REUSE_LIMIT messages and MAX_SESSION_AGE seconds; a cached session that
+    went stale is closed and replaced by a fresh one without counting against
+    the hop.
 
     `tls`: "none" never sends STARTTLS; "opportunistic" uses it when offered and
     retries the same hop once in plaintext if the handshake fails; "required"
@@ -631,6 +646,9 @@ class SmtpTransport:
         connect_timeout: float,
         command_timeout: float = 300.0,
         data_timeout: float = 600.0,
+        reuse_limit: int = REUSE_LIMIT,
+        idle_time: float = IDLE_TIME,
+        max_age: float = MAX_SESSION_AGE,
     ) -> None:
         if tls not in ("none", "opportunistic", "required"):
             raise ValueError(f"tls must be none, opportunistic or required, not {tls!r}")
@@ -640,6 +658,12 @@ class SmtpTransport:
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
         self._tls_context = _tls_context()
+        self.reuse_limit = reuse_limit
+        self.idle_time = idle_time
+        self.max_age = max_age
+        self._idle: dict[tuple[str, int], list[_Cached]] = {}
+        self.sessions_opened = 0  # for tests and benchmarks: sessions vs. messages
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def deliver(self, message: OutboundMessage, hops: Sequence[Hop]) -> DeliveryReport:
         """Try `hops` in order until one decides; never raises (but for cancellation)."""
@@ -685,6 +709,19 @@ class SmtpTransport:
     async def _attempt(
         self, message: OutboundMessage, hop: Hop, tls: TlsPolicy
     ) -> dict[str, Reply]:
+        key = (hop.address, hop.port)
+        while (cached := self._take_idle(key)) is not None:
+            try:
+                replies = await cached.session.send(message)
+            except _SessionFailure:
+                await cached.session.close()  # went stale while idle: not the hop's fault
+                continue
+            except BaseException:
+                cached.session.abort()
+                raise
+            cached.sent += 1
+            await self._keep_or_close(key, cached)
+            return replies
         session = _Session(
             hop,
             helo_name=self.helo_name,
@@ -694,8 +731,61 @@ class SmtpTransport:
             command_timeout=self.command_timeout,
             data_timeout=self.data_timeout,
         )
+        self.sessions_opened += 1
         try:
             await session.open()
-            return await session.send(message)
-        finally:
+            replies = await session.send(message)
+        except BaseException:
             await session.close()
+            raise
+        await self._keep_or_close(key, _Cached(session, time.monotonic(), sent=1))
+        return replies
+
+    # ------------------------------------------------------------ connection cache
+
+    def _take_idle(self, key: tuple[str, int]) -> _Cached | None:
+        pool = self._idle.get(key)
+        while pool:
+            cached = pool.pop()
+            if cached.timer is not None:
+                cached.timer.cancel()
+            if cached.session.connected:
+                return cached
+            cached.session.abort()
+        return None
+
+    async def _keep_or_close(self, key: tuple[str, int], cached: _Cached) -> None:
+        """Keep a healthy session for the next message to the same address, for a while."""
+        fresh = time.monotonic() - cached.opened < self.max_age
+        if cached.session.connected and cached.sent < self.reuse_limit and fresh:
+            loop = asyncio.get_running_loop()
+            cached.timer = loop.call_later(self.idle_time, self._expire, key, cached)
+            self._idle.setdefault(key, []).append(cached)
+        else:
+            await cached.session.close()
+
+    def _expire(self, key: tuple[str, int], cached: _Cached) -> None:
+        pool = self._idle.get(key, [])
+        if cached in pool:
+            pool.remove(cached)
+            task = asyncio.ensure_future(cached.session.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """QUIT every idle session (on shutdown)."""
+        sessions = [c for pool in self._idle.values() for c in pool]
+        self._idle.clear()
+        for cached in sessions:
+            if cached.timer is not None:
+                cached.timer.cancel()
+        await asyncio.gather(*(c.session.close() for c in sessions), *self._closing,
+                             return_exceptions=True)
+
+
+@dataclass(eq=False)
+class _Cached:
+    session: _Session
+    opened: float
+    sent: int = 0
+    timer: asyncio.TimerHandle | None = None

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.dns_server",
     "tests.support.smtp_sink",
     "tests.support.relay_process",
+    "tests.support.postgres",
 ]

@@ -3,21 +3,19 @@
 `queue_counts` (kept by triggers) must equal a real GROUP BY over `messages`
 after every queue operation, scripted and randomised; `/metrics` is scraped
 over a loopback socket and parsed; `/healthz` and the HTTP edge cases are
-exercised with raw bytes. SQLite always; PostgreSQL too when
-RELAY_TEST_POSTGRES_URL names a server where we may create databases.
+exercised with raw bytes. SQLite and PostgreSQL (the session's private
+server from tests/support/postgres.py, or RELAY_TEST_POSTGRES_URL's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,10 +45,10 @@ from relay.queue import (
     Selector,
 )
 from relay.schema import messages
+from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "")
 STATES = tuple(s.value for s in MessageState)
 
 # The contract (SPEC "Metrics"): name -> (type, labels). Kept here, not taken
@@ -69,49 +67,21 @@ SPEC_METRICS = {
 
 # -- databases -------------------------------------------------------------------
 
-
-def create_pg_database() -> tuple[str, str]:
-    """A fresh PostgreSQL database: (url, name)."""
-    admin = create_engine(db.normalise_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
-    name = f"relay_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    admin.dispose()
-    url = db.normalise_url(PG_ADMIN_URL).set(database=name)
-    return url.render_as_string(hide_password=False), name
-
-
-def drop_pg_database(name: str) -> None:
-    admin = create_engine(db.normalise_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
-
-
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(not PG_ADMIN_URL, reason="RELAY_TEST_POSTGRES_URL not set"),
-    ),
-]
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=needs_postgres)]
 
 
 @pytest.fixture(params=BACKENDS)
 def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
-    name = ""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/queue.db"
-    else:
-        url, name = create_pg_database()
+    else:  # a fresh database on the session's server, dropped afterwards
+        url = request.getfixturevalue("postgres_db_url")
     engine = db.connect(url)
     db.upgrade(engine)
     try:
         yield Queue(engine)
     finally:
         engine.dispose()
-        if name:
-            drop_pg_database(name)
 
 
 def new(qid: str, *rcpts: str, at: datetime = T0, sender: str = "s@sender.example") -> NewMessage:

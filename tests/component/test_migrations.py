@@ -1,13 +1,11 @@
 """Alembic revisions against real databases: backfill, round trips, schema parity.
 
-SQLite always; PostgreSQL too when RELAY_TEST_POSTGRES_URL names a server
-where we may create databases.
+SQLite and PostgreSQL (the session's private server from
+tests/support/postgres.py, or RELAY_TEST_POSTGRES_URL's).
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,46 +16,34 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, func, insert, inspect, select, text
+from sqlalchemy import Engine, func, insert, inspect, select, text
 
 from relay import db
 from relay.queue import NewMessage, Queue, Selector
 from relay.schema import bodies, messages, metadata
+from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-PG_ADMIN_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "")
 STATES = ("active", "deferred", "hold")
 
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(not PG_ADMIN_URL, reason="RELAY_TEST_POSTGRES_URL not set"),
-    ),
-]
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=needs_postgres)]
 
 
 @pytest.fixture(params=BACKENDS)
 def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Engine]]:
     """Fresh empty databases of the backend under test, as many as asked for."""
     engines: list[Engine] = []
-    pg_names: list[str] = []
-    admin = (
-        create_engine(db.normalise_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    new_pg_database: Callable[[], str] | None = (
+        request.getfixturevalue("postgres_databases")  # each dropped after the test
         if request.param == "postgresql"
         else None
     )
 
     def make() -> Engine:
-        if admin is None:
+        if new_pg_database is None:
             url = f"sqlite:///{tmp_path}/{len(engines)}.db"
         else:
-            name = f"relay_test_{uuid.uuid4().hex[:12]}"
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-            pg_names.append(name)
-            url = db.normalise_url(PG_ADMIN_URL).set(database=name).render_as_string(
-                hide_password=False)
+            url = new_pg_database()
         engine = db.connect(url)
         engines.append(engine)
         return engine
@@ -65,11 +51,6 @@ def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Call
     yield make
     for engine in engines:
         engine.dispose()
-    if admin is not None:
-        with admin.connect() as conn:
-            for name in pg_names:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def migrate(engine: Engine, verb: str, target: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+
+import pytest
 
 from relay.model import Hop, OutboundMessage, Outcome, Reply
 from relay.transport import SmtpTransport, TlsPolicy
@@ -24,10 +26,23 @@ DAVE = "dave@verrotech.com"
 StartSink = Callable[..., Sink]
 
 
+_made: list[SmtpTransport] = []
+
+
 def transport(tls: TlsPolicy = "none", **kwargs: float) -> SmtpTransport:
     options: dict[str, float] = {"connect_timeout": 5.0, "command_timeout": 10.0}
     options.update(kwargs)
-    return SmtpTransport(helo_name="mail.verrotech.net", tls=tls, **options)
+    made = SmtpTransport(helo_name="mail.verrotech.net", tls=tls, **options)  # type: ignore[arg-type]
+    _made.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+async def _close_cached_sessions() -> AsyncIterator[None]:
+    """Cached sessions outlive a delivery: QUIT them before the sink goes away."""
+    yield
+    while _made:
+        await _made.pop().close()
 
 
 def hop(port: int, host: str = MX, address: str = "127.0.0.1") -> Hop:
@@ -501,3 +516,57 @@ class silent_server:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
         await self._server.wait_closed()
+
+
+# ------------------------------------------------------------ connection reuse
+
+
+async def test_messages_to_one_address_share_a_session(smtp_sink: StartSink) -> None:
+    sink = smtp_sink()
+    client = transport()
+    for _ in range(3):
+        report = await client.deliver(message(), [hop(sink.port)])
+        assert report.replies[BOB].code == 250
+    assert sink.message_count == 3
+    assert sink.session_count == 1
+    assert client.sessions_opened == 1
+    assert sink.sessions[0].commands.count("RSET") == 2  # between transactions
+    await client.close()
+    sink.wait_for_sessions(1)
+    assert "QUIT" in sink.sessions[0].commands
+
+
+async def test_reuse_limit_opens_a_fresh_session(smtp_sink: StartSink) -> None:
+    sink = smtp_sink()
+    client = transport(reuse_limit=2)
+    for _ in range(5):
+        await client.deliver(message(), [hop(sink.port)])
+    assert sink.message_count == 5
+    assert client.sessions_opened == 3
+
+
+async def test_stale_cached_session_is_replaced_without_a_hop_failure(
+    smtp_sink: StartSink,
+) -> None:
+    sink = smtp_sink()
+    client = transport()
+    await client.deliver(message(), [hop(sink.port)])
+    sink.stop()  # cuts the idle connection
+    sink.start()
+    report = await client.deliver(message(), [hop(sink.port)])
+    assert report.replies[BOB].code == 250
+    assert not report.site_failure and report.errors == ()
+    assert sink.message_count == 2
+    assert client.sessions_opened == 2
+
+
+async def test_a_session_after_421_is_not_reused(smtp_sink: StartSink) -> None:
+    sink = smtp_sink()
+    sink.rcpt_reply[BOB] = "421 4.7.0 too many connections"
+    client = transport()
+    report = await client.deliver(message(), [hop(sink.port)])
+    assert report.replies[BOB].code == 421
+    del sink.rcpt_reply[BOB]
+    report = await client.deliver(message(), [hop(sink.port)])
+    assert report.replies[BOB].code == 250
+    assert client.sessions_opened == 2

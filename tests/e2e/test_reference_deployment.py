@@ -130,7 +130,7 @@ def test_primary_down_then_up_delivers_each_message_once(deployment: Deployment)
 
     primary = deployment.sink(PRIMARY)
     got = primary.wait_for_messages(5, timeout=30)
-    relay.wait_for(r": delivered to=<alice@verrotech\.com>", count=5)
+    relay.wait_for(r": delivered .*to=<alice@verrotech\.com>", count=5)
     assert relay.queue_list() == []
 
     assert primary.message_count == 5
@@ -171,7 +171,7 @@ def test_partial_outcomes_delivered_retried_bounced(deployment: Deployment) -> N
     del primary.rcpt_reply["bob@verrotech.com"]
     msgs = primary.wait_for_messages(2, timeout=20)
     assert msgs[1].recipients == ("bob@verrotech.com",)
-    relay.wait_for(rf"{qid}: delivered to=<bob@verrotech\.com>")
+    relay.wait_for(rf"{qid}: delivered .*to=<bob@verrotech\.com>")
     assert relay.queue_list() == []
     assert primary.message_count == 2  # alice once, bob once
     assert sender_mx.message_count == 1
@@ -200,7 +200,7 @@ def test_kill_9_loses_nothing_that_got_250(deployment: Deployment) -> None:
     assert {m["id"] for m in restarted.queue_list()} == set(sent)
     primary = deployment.sink(PRIMARY)
     got = primary.wait_for_messages(20, timeout=40)
-    restarted.wait_for(r": delivered to=", count=20)
+    restarted.wait_for(r": delivered ", count=20)
     subjects = sorted(strip_received(m.data) for m in got)
     assert subjects == sorted(message(n) for n in range(20))
     assert all(b"never finished" not in m.data for m in primary.messages)

@@ -224,6 +224,14 @@ class _Handler:
         self._record(server).tls = True
         return True
 
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._record(server).commands.append("QUIT")
+        return "221 2.0.0 Bye"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._record(server).commands.append("RSET")
+        return "250 2.0.0 Ok"
+
     async def handle_MAIL(
         self,
         server: SMTP,

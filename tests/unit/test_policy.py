@@ -244,7 +244,13 @@ _PIECES = st.sampled_from(
      "verrotech.org", "verrotech.com", "other.example", "VERROTECH.ORG", "@verrotech.org",
      "@other.example", "127.0.0.1", "-", "+", "xn--bcher-kva.example", "bücher.example"]
 )
-_PATHS = st.one_of(st.lists(_PIECES, max_size=8).map("".join), st.text(max_size=40))
+_PATHS = st.one_of(
+    st.lists(_PIECES, max_size=8).map("".join),
+    st.text(max_size=40),
+    st.tuples(st.lists(_PIECES, min_size=1, max_size=4).map("".join),
+              st.sampled_from(["@verrotech.org", "@bücher.example", "@VERROTECH.ORG."]))
+    .map("".join),
+)
 
 
 def _acceptable(path: str) -> bool:

@@ -1,0 +1,49 @@
+"""Per-destination concurrency windows: slow start, as Postfix's qmgr does it.
+
+Owns how many sessions one destination may have at once: a window that
+starts small, grows by one with each delivery that went through, and halves
+when the destination pushes back (421 or 4.7.x "too many connections", a
+refused or timed-out connection while other sessions to it are working).
+Refuses I/O; the scheduler asks and reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relay.model import DeliveryReport
+
+INITIAL_WINDOW = 5  # Postfix's initial_destination_concurrency
+
+
+def pushed_back(report: DeliveryReport) -> bool:
+    """True when the destination said "not now, not so many", not "I am down".
+
+    A 421 (anywhere) or a 4.7.x session refusal on every recipient means the
+    host is alive but throttling us.
+    """
+    replies = list(report.replies.values())
+    if not replies:
+        return False
+    return all(r.code == 421 or r.enhanced_status.startswith("4.7.") for r in replies)
+
+
+@dataclass
+class Window:
+    limit: int  # delivery.per_destination_concurrency
+    size: float = field(default=float(INITIAL_WINDOW))
+
+    def __post_init__(self) -> None:
+        self.size = min(self.size, float(self.limit))
+
+    @property
+    def sessions(self) -> int:
+        return max(1, int(self.size))
+
+    def success(self) -> None:
+        """A delivery went through: open up by one session (until the limit)."""
+        self.size = min(float(self.limit), self.size + 1)
+
+    def push_back(self) -> None:
+        """The destination throttled us: halve the window (at least one session)."""
+        self.size = max(1.0, self.size / 2)
