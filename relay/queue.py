@@ -479,39 +479,48 @@ class Queue:
 
     def _set_destination(self, conn: Connection, dest: DestinationUpdate, now: datetime) -> None:
         prior = conn.execute(
-            select(destinations.c.up, destinations.c.failures).where(
+            select(destinations.c.up, destinations.c.failures, destinations.c.retry_at).where(
                 destinations.c.name == dest.name
             )
         ).first()
         was_up = prior is None or prior.up
-        failures = 0 if dest.up else (prior.failures if prior else 0) + 1
-        values = {
-            "up": dest.up,
-            "failures": failures,
-            "retry_at": dest.retry_at,
-            "last_error": dest.error,
-            "updated_at": now,
-        }
+        if dest.up:
+            if was_up:
+                return  # the common case: nothing changes, nothing written
+            conn.execute(
+                update(destinations)
+                .where(destinations.c.name == dest.name)
+                .values(up=True, failures=0, retry_at=None, last_error="", updated_at=now)
+            )
+            self._unpark(conn, dest.name, now)
+            return
+        if prior is not None and not prior.up and prior.retry_at is not None:
+            # Already down and no probe running: several sessions failed at
+            # once. That is one backoff step, not several.
+            values = {"last_error": dest.error, "updated_at": now}
+        else:
+            values = {
+                "up": False,
+                "failures": (prior.failures if prior else 0) + 1,
+                "retry_at": dest.retry_at,
+                "last_error": dest.error,
+                "updated_at": now,
+            }
         if prior is None:
-            if dest.up:
-                return  # up and unknown: nothing worth a row
             conn.execute(insert(destinations).values(name=dest.name, **values))
         else:
             conn.execute(
                 update(destinations).where(destinations.c.name == dest.name).values(**values)
             )
-        if dest.up and not was_up:
-            self._unpark(conn, dest.name, now)
-        elif not dest.up:
-            conn.execute(  # the whole destination now waits for one probe
-                update(messages)
-                .where(
-                    messages.c.destination == dest.name,
-                    messages.c.state == MessageState.DEFERRED.value,
-                    messages.c.next_attempt_at.is_not(None),
-                )
-                .values(next_attempt_at=None)
+        conn.execute(  # the whole destination now waits for one probe
+            update(messages)
+            .where(
+                messages.c.destination == dest.name,
+                messages.c.state == MessageState.DEFERRED.value,
+                messages.c.next_attempt_at.is_not(None),
             )
+            .values(next_attempt_at=None)
+        )
 
     def _unpark(self, conn: Connection, destination: str, now: datetime) -> int:
         return conn.execute(

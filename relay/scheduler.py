@@ -140,6 +140,12 @@ class Scheduler:
                 await asyncio.gather(*pending, return_exceptions=True)
                 await self._store.call(self._queue.recover, self._owner, self._clock.now())
 
+    async def run_once(self) -> None:
+        """One pass, then every delivery it started, to the end (tests, benchmarks)."""
+        await self._pass()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     # ------------------------------------------------------------ one pass
 
     async def _pass(self) -> None:

@@ -9,12 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 
 from relay import db
 from relay.model import MessageState, RecipientStatus
 from relay.queue import (
     Attempt,
+    Claimed,
     DestinationUpdate,
     NewMessage,
     Queue,
@@ -48,9 +49,10 @@ def new(qid: str, *rcpts: str, sender: str = "s@sender.example", at: datetime = 
                       data=b"Subject: x\r\n\r\nbody " + qid.encode() + b"\r\n", received_at=at)
 
 
-def count(queue: Queue, table) -> int:  # type: ignore[no-untyped-def]
+def count(queue: Queue, table: Table) -> int:
     with queue.engine.connect() as conn:
-        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+        n: int = conn.execute(select(func.count()).select_from(table)).scalar_one()
+    return n
 
 
 def test_put_then_claim_returns_envelope_and_body(queue: Queue) -> None:
@@ -83,7 +85,7 @@ def test_not_due_is_not_claimed_and_order_is_oldest_first(queue: Queue) -> None:
     assert [c.id for c in claimed] == ["01", "02"]
 
 
-def claim_one(queue: Queue, now: datetime = T0):  # type: ignore[no-untyped-def]
+def claim_one(queue: Queue, now: datetime = T0) -> Claimed:
     [claimed] = queue.claim_due("n", now, limit=1, lease=600)
     return claimed
 

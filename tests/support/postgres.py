@@ -182,12 +182,16 @@ def _find_or_install() -> Path:
     if shutil.which("apt-get") is None:
         raise Unavailable(f"{where}, and no apt-get to install postgresql; set {ENV_URL}")
     before = _clusters()
+    update_said = ""
     try:
         result = _apt_install()
         if result.returncode != 0:  # a stale or missing package list: update, once
             update = _apt_update()
             if update.returncode != 0:
                 raise Unavailable(f"{where}; apt-get update failed: {_tail(update.stdout)}")
+            update_said = "; ".join(  # apt-get update may exit 0 although fetches failed
+                line.strip() for line in update.stdout.splitlines() if line.startswith(("W:", "E:"))
+            )
             result = _apt_install()
     except subprocess.TimeoutExpired as exc:
         raise Unavailable(f"{where}; {exc.cmd[0]} took over {exc.timeout:.0f}s") from None
@@ -196,7 +200,8 @@ def _find_or_install() -> Path:
     finally:
         _quiet_packaged_clusters(before)
     if result.returncode != 0:
-        raise Unavailable(f"{where}; apt-get install postgresql failed: {_tail(result.stdout)}")
+        raise Unavailable(f"{where}; apt-get install postgresql failed: {_tail(result.stdout, 3)}"
+                          + (f" (apt-get update: {update_said[:300]})" if update_said else ""))
     bindir = find_bindir()
     if bindir is None:
         raise Unavailable(f"{where}, even after apt-get install postgresql")
