@@ -14,32 +14,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-SINK_HOST = "127.0.0.2"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def body(n: int, size: int) -> bytes:
-    head = (f"From: <bench@sender.example>\r\nTo: <user@bench.example>\r\n"
-            f"Subject: bench {n}\r\nMessage-ID: <b{n}@sender.example>\r\n\r\n").encode()
-    line = b"x" * 76 + b"\r\n"
-    return head + line * max(1, (size - len(head)) // len(line))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    HOST,
+    SINK_HOST,
+    DiscardSink,
+    body,
+    free_port,
+    queue_total,
+    relay_cmd,
+    rss_kb,
+)
 
 
 async def send_one(port: int, data: bytes, latencies: list[float]) -> None:
@@ -86,71 +80,6 @@ async def accept_phase(
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(sessions)))
     return time.perf_counter() - started, latencies
-
-
-class DiscardSink:
-    """A minimal SMTP sink in a thread: answers everything 250, counts messages."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.count = 0
-        self.sessions = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-        self._ready.wait()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._session, self.host, self.port, backlog=512))
-        self._ready.set()
-        self._loop.run_until_complete(server.serve_forever())
-
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.sessions += 1
-        writer.write(b"220 sink ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    writer.write(b"250-sink\r\n250-8BITMIME\r\n250-PIPELINING\r\n"
-                                 b"250 SIZE 100000000\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go\r\n")
-                    while await reader.readline() not in (b".\r\n", b""):
-                        pass
-                    self.count += 1
-                    writer.write(b"250 2.0.0 ok\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    break
-                else:
-                    writer.write(b"250 ok\r\n")
-                await writer.drain()
-        finally:
-            writer.close()
-
-
-def relay_cmd(config: Path, *args: str) -> list[str]:
-    profile = os.environ.get("BENCH_PROFILE")  # a path: cProfile the relay's event loop thread
-    if profile and args[:1] == ("serve",):
-        return [sys.executable, "-m", "cProfile", "-o", profile, "-m", "relay", "-c",
-                str(config), *args]
-    return [sys.executable, "-m", "relay", "-c", str(config), *args]
-
-
-def queue_total(config: Path) -> int:
-    out = subprocess.run(relay_cmd(config, "queue", "stats", "--json"), capture_output=True,
-                         text=True, check=True)
-    return int(json.loads(out.stdout)["total"])
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main() -> None:

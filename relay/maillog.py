@@ -86,6 +86,10 @@ def attempt_results(message: Claimed, decision: Decision, now: datetime,
               else "failed")
 
 
+def delay_warning(message: Claimed, dsn_id: str) -> None:
+    _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn_id, kind="delayed")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; mail events carry their fields as keys."""
 

@@ -176,6 +176,38 @@ def decide(
 _NO_REPLY = Reply(451, "4.3.0 no reply recorded for this recipient")
 
 
+def _last_reply(last_error: str) -> Reply:
+    """The stored last error ("451 4.4.1 connect to ...") as a Reply."""
+    code, _, text = last_error.partition(" ")
+    if len(code) == 3 and code.isdigit() and code[0] == "4":
+        return Reply(int(code), text)
+    return Reply(451, f"4.4.7 {last_error or 'not yet delivered'}")
+
+
+def delay_notice(
+    rules: Rules, message: Claimed, owner: str, now: datetime, original: bytes
+) -> Attempt:
+    """Tell the sender that a message still waits (it is not attempted now).
+
+    Everything else about the message stays as it was: no attempt is counted,
+    recipients and the next attempt time are unchanged.
+    """
+    reply = _last_reply(message.last_error)
+    dsn = _dsn(rules, message, now, original, "delayed",
+               [(rcpt, reply) for rcpt in message.recipients], "")
+    return Attempt(
+        message_id=message.id,
+        owner=owner,
+        at=now,
+        recipients=(),
+        next_attempt_at=message.next_attempt_at,
+        last_error=message.last_error,
+        dsns=(dsn,),
+        counted=False,
+        delay_warned=True,
+    )
+
+
 def _dsn(
     rules: Rules,
     message: Claimed,

@@ -103,6 +103,8 @@ class Claimed:
     attempts: int
     delay_warned: bool
     recipients: tuple[PendingRecipient, ...]
+    next_attempt_at: datetime | None = None  # as it was before the claim (None: parked)
+    last_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +302,26 @@ class Queue:
         )
         return self._claim(query, owner, now, lease)
 
+    def claim_unwarned(
+        self, owner: str, now: datetime, cutoff: datetime, limit: int, lease: float
+    ) -> list[Claimed]:
+        """Lease waiting messages received before `cutoff` whose sender has not
+        been told of the delay yet (parked mail is not attempted, so the
+        warning cannot wait for an attempt)."""
+        query = (
+            select(messages.c.id)
+            .where(
+                messages.c.received_at <= cutoff,
+                messages.c.state == MessageState.DEFERRED.value,
+                messages.c.delay_warned.is_(False),
+                messages.c.is_dsn.is_(False),
+                messages.c.sender != "",
+            )
+            .order_by(messages.c.received_at)
+            .limit(limit)
+        )
+        return self._claim(query, owner, now, lease)
+
     def claim_ids(
         self, ids: Sequence[str], owner: str, now: datetime, lease: float
     ) -> list[Claimed]:
@@ -328,9 +350,11 @@ class Queue:
             query = query.with_for_update(skip_locked=True)
         until = now + timedelta(seconds=lease)
         with self.engine.begin() as conn:
-            ids = [row.id for row in conn.execute(query)]
-            if not ids:
+            found = conn.execute(query.add_columns(messages.c.next_attempt_at)).all()
+            if not found:
                 return []
+            ids = [row.id for row in found]
+            before = {row.id: row.next_attempt_at for row in found}
             conn.execute(
                 update(messages)
                 .where(messages.c.id.in_(ids), messages.c.state.in_(from_states))
@@ -366,10 +390,13 @@ class Queue:
                 attempts=m.attempts,
                 delay_warned=m.delay_warned,
                 recipients=tuple(rcpts.get(m.id, ())),
+                next_attempt_at=before.get(m.id),
+                last_error=m.last_error,
             )
             for m in rows
         ]
-        claimed.sort(key=lambda c: ids.index(c.id))
+        order = {qid: n for n, qid in enumerate(ids)}
+        claimed.sort(key=lambda c: order[c.id])
         return claimed
 
     def body(self, body_id: str) -> bytes:
@@ -460,9 +487,17 @@ class Queue:
             self._remove(conn, [attempt.message_id])
         else:
             held = row.state == MessageState.HOLD.value
+            next_at = attempt.next_attempt_at
+            if next_at is None and attempt.destination is None:
+                # Parked before, but its destination may have come back meanwhile.
+                up = conn.execute(
+                    select(destinations.c.up).where(destinations.c.name == row.destination)
+                ).scalar()
+                if up is None or up:
+                    next_at = attempt.at
             values = {
                 "state": MessageState.HOLD.value if held else MessageState.DEFERRED.value,
-                "next_attempt_at": attempt.next_attempt_at,
+                "next_attempt_at": next_at,
                 "attempts": messages.c.attempts + (1 if attempt.counted else 0),
                 "last_error": attempt.last_error,
                 "lease_owner": None,

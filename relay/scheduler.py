@@ -25,7 +25,7 @@ from relay import maillog
 from relay.clock import Clock
 from relay.metrics import Metrics
 from relay.model import DeliveryReport, OutboundMessage, Outcome
-from relay.outcomes import Decision, Rules, decide
+from relay.outcomes import Decision, Rules, decide, delay_notice
 from relay.queue import Claimed, Queue, QueueError, Selector
 from relay.resolver import NoRoute, Resolver
 from relay.store import Store
@@ -174,6 +174,8 @@ class Scheduler:
         if mono - self._last_expiry >= self._limits.expiry_interval:
             self._last_expiry = mono
             await self._expire(now)
+            if self._rules.delay_warning > 0:
+                await self._warn_delayed(now)
             await self._store.call(self._queue.compact_counts)
         if mono - self._last_prune >= self._limits.prune_interval:
             self._last_prune = mono
@@ -262,6 +264,20 @@ class Scheduler:
             await self._store.record(decision.attempt)
             maillog.attempt_results(message, decision, now)
             self._count(decision, None)
+
+    async def _warn_delayed(self, now: datetime) -> None:
+        cutoff = now - timedelta(seconds=self._rules.delay_warning)
+        waiting = await self._store.call(
+            self._queue.claim_unwarned, self._owner, now, cutoff, 500, self._limits.lease
+        )
+        for message in waiting:
+            original = await self._store.read(self._queue.body, message.body_id)
+            attempt = delay_notice(self._rules, message, self._owner, now, original)
+            await self._store.record(attempt)
+            for dsn in attempt.dsns:
+                maillog.delay_warning(message, dsn.id)
+        if waiting:
+            self.wake()
 
     async def _deliver(self, message: Claimed) -> str:
         """Attempt one message; "ok", "down" (site failure) or "push_back"."""

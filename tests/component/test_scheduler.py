@@ -78,7 +78,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def make_scheduler(store: Store, clock: FakeClock, transport: ScriptedTransport,
-                   concurrency: int = 10, per_destination: int = 5) -> Scheduler:
+                   concurrency: int = 10, per_destination: int = 5,
+                   delay_warning: float = 0) -> Scheduler:
     ids = count(1)
     return Scheduler(
         store=store,
@@ -87,11 +88,12 @@ def make_scheduler(store: Store, clock: FakeClock, transport: ScriptedTransport,
         rules=Rules(
             hostname="mail.verrotech.net",
             backoff=BackoffPolicy(min_backoff=60, max_backoff=600, max_lifetime=86400),
-            delay_warning=0,
+            delay_warning=delay_warning,
             new_id=lambda: f"DSN{next(ids):04d}",
             rng=random.Random(1),
         ),
-        limits=Limits(concurrency=concurrency, per_destination=per_destination),
+        limits=Limits(concurrency=concurrency, per_destination=per_destination,
+                      expiry_interval=0),  # housekeeping on every pass: time is the FakeClock
         clock=clock,
         owner="mail.verrotech.net",
         next_hops={},
@@ -222,3 +224,29 @@ async def test_push_back_shrinks_the_window_and_fails_nothing(
     assert store.queue.stats().total == 0  # everything delivered in the end
     history = [h[2] for qid in ids for h in store.queue.history(qid)]
     assert history == ["delivered"] * 12  # no attempt was charged to a message
+
+
+async def test_parked_mail_gets_one_delay_warning(store: Store, clock: FakeClock) -> None:
+    ids = queue_mail(store, clock, 3)
+    transport = ScriptedTransport(refused)
+    scheduler = make_scheduler(store, clock, transport, per_destination=1,
+                               delay_warning=3600)
+    await scheduler.run_once()  # the destination is found down; everything parks
+    assert store.queue.claim_due("x", clock.now(), 10, 60) == []
+    clock.advance(1800)
+    await scheduler.run_once()
+    assert not [v for v in store.queue.list() if v.sender == ""]  # too early
+    clock.advance(1801)
+    await scheduler.run_once()
+    await scheduler.run_once()
+    warnings = [v for v in store.queue.list() if v.sender == ""]
+    assert len(warnings) == 3  # one per message, none for the DSNs themselves
+    assert {v.recipients[0].address for v in warnings} == {"s@sender.example"}
+    raw = store.queue.raw(warnings[0].id) or b""
+    assert b"Action: delayed" in raw and b"Status: 4.4.1" in raw
+    # a warning is no attempt: the originals were charged only for real ones (probes)
+    originals = [v for v in store.queue.list() if v.id in ids]
+    assert sum(v.attempts for v in originals) == len([c for c in transport.calls if c in ids])
+    clock.advance(7200)
+    await scheduler.run_once()
+    assert len([v for v in store.queue.list() if v.sender == ""]) == 3  # warned once only
