@@ -241,7 +241,8 @@ class Queue:
                     "next_attempt_at": None if dest in down else m.received_at,
                     "attempts": 0,
                     "last_error": "",
-                    "delay_warned": False,
+                    # nobody to warn for a null sender: never in the sweep's way
+                    "delay_warned": m.is_dsn or m.sender == "",
                 }
                 for m, qid, dest, _ in entries
             ],

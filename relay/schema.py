@@ -94,6 +94,8 @@ messages = Table(
     Column("lease_expires_at", UtcDateTime, nullable=True),
     Column("delay_warned", Boolean, nullable=False, default=False),
     Index("ix_messages_due", "state", "next_attempt_at"),
+    # the delay-warning sweep reads only messages not yet warned
+    Index("ix_messages_unwarned", "delay_warned", "received_at"),
     Index("ix_messages_destination", "destination", "state"),
 )
 
