@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 import relay.migrations
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# Alembic is imported where it is used: `relay queue ...` starts without it.
 
 
 class DatabaseError(Exception):
@@ -87,6 +87,8 @@ def connect(url: str) -> Engine:
 
 
 def _alembic_config() -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(relay.migrations.__file__).parent))
     return cfg
@@ -104,6 +106,9 @@ class Revision:
 
 def revision(engine: Engine) -> Revision:
     """Where the database stands against the revisions we ship."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(_alembic_config())
     head = script.get_current_head()
     assert head is not None
@@ -122,6 +127,8 @@ def upgrade(engine: Engine) -> Revision:
         raise DatabaseError(
             f"database is at unknown revision {before.current} (newer than this relay?)"
         )
+    from alembic import command
+
     cfg = _alembic_config()
     try:
         with engine.begin() as conn:
@@ -144,6 +151,9 @@ def ensure_ready(engine: Engine) -> Revision:
 
 def is_known(rev: str) -> bool:
     """True for a revision shipped in migrations/."""
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
     script = ScriptDirectory.from_config(_alembic_config())
     try:
         return script.get_revision(rev) is not None

@@ -511,6 +511,18 @@ class Queue:
             )
         if attempt.destination is not None:
             self._set_destination(conn, attempt.destination, attempt.at)
+        else:
+            # No word on the destination (an expired or returned message): if it
+            # was the probe of a down destination, probe again on the next pass.
+            conn.execute(
+                update(destinations)
+                .where(
+                    destinations.c.name == row.destination,
+                    destinations.c.up.is_(False),
+                    destinations.c.retry_at.is_(None),
+                )
+                .values(retry_at=attempt.at)
+            )
         return True
 
     def _set_destination(self, conn: Connection, dest: DestinationUpdate, now: datetime) -> None:

@@ -11,111 +11,23 @@ from __future__ import annotations
 
 import email
 import email.policy
-import smtplib
 import socket
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from flufl.bounce import all_failures
 
-from tests.support.dns_server import DnsServer
-from tests.support.relay_process import RelayProcess, free_port
-from tests.support.smtp_sink import Sink
+from tests.support.deployment import (
+    NORWICH,
+    PRIMARY,
+    RELAY,
+    SENDER_MX,
+    Deployment,
+    message,
+    strip_received,
+)
 
 pytestmark = pytest.mark.slow
-
-PRIMARY, RELAY, NORWICH, SENDER_MX = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
-
-
-@dataclass
-class Deployment:
-    dns: DnsServer
-    config: Path
-    relay_port: int
-    mx_port: int  # the port every MX host listens on (delivery.port)
-    start_sink: Callable[..., Sink]
-    relay_class: type[RelayProcess]
-
-    def relay(self) -> RelayProcess:
-        return self.relay_class(self.config)
-
-    def sink(self, host: str, **options: object) -> Sink:
-        return self.start_sink(host, self.mx_port, **options)
-
-    def send(self, sender: str, recipients: list[str], data: bytes) -> str:
-        """One SMTP session to the relay; returns the queue ID from the 250 reply."""
-        with smtplib.SMTP(RELAY, self.relay_port, timeout=10) as client:
-            client.ehlo("client.sender.example")
-            client.mail(sender)
-            for rcpt in recipients:
-                code, reply = client.rcpt(rcpt)
-                assert code == 250, reply
-            code, reply = client.data(data)
-            assert code == 250, reply
-        text = reply.decode()
-        assert text.startswith("2.0.0 Ok: queued as "), text
-        return text.rsplit(" ", 1)[1]
-
-
-@pytest.fixture
-def deployment(tmp_path: Path, dns_server: DnsServer, smtp_sink: Callable[..., Sink],
-               relay_process: type[RelayProcess]) -> Iterator[Deployment]:
-    mx_port = free_port(PRIMARY, NORWICH, SENDER_MX)
-    relay_port = free_port(RELAY)
-    dns_server.add("verrotech.com", "MX", "10 mail.verrotech.com.", "20 mail.verrotech.net.",
-                   "30 mail.noc.verrotech.com.")
-    dns_server.add("mail.verrotech.com", "A", PRIMARY)
-    dns_server.add("mail.verrotech.net", "A", RELAY)
-    dns_server.add("mail.noc.verrotech.com", "A", NORWICH)
-    dns_server.add("sender.example", "MX", "10 mx.sender.example.")
-    dns_server.add("mx.sender.example", "A", SENDER_MX)
-    host, port = dns_server.address
-    config = tmp_path / "hektor.toml"
-    config.write_text(f"""
-[node]
-hostname = "mail.verrotech.net"
-
-[smtp]
-listen = ["{RELAY}:{relay_port}"]
-
-[queue]
-url = "sqlite:///{tmp_path}/queue.db"
-
-[delivery]
-port = {mx_port}
-min_backoff = "1s"
-max_backoff = "2s"
-connect_timeout = "2s"
-
-[dns]
-nameservers = ["{host}:{port}"]
-timeout = "2s"
-
-[metrics]
-listen = ""
-
-[domains."verrotech.com"]
-""")
-    yield Deployment(dns_server, config, relay_port, mx_port, smtp_sink, relay_process)
-
-
-def message(n: int, to: str = "alice@verrotech.com") -> bytes:
-    return (
-        f"From: Sender <s@sender.example>\r\nTo: <{to}>\r\nSubject: message {n}\r\n"
-        f"Message-ID: <m{n}@sender.example>\r\n\r\nHello {n}.\r\n.leading dot line\r\n"
-    ).encode()
-
-
-def strip_received(data: bytes) -> bytes:
-    """Remove our Received header (the first field, with its folded lines)."""
-    assert data.startswith(b"Received: ")
-    lines = data.split(b"\r\n")
-    rest = 1
-    while lines[rest][:1] in (b" ", b"\t"):
-        rest += 1
-    return b"\r\n".join(lines[rest:])
 
 
 def test_primary_down_then_up_delivers_each_message_once(deployment: Deployment) -> None:
@@ -237,3 +149,27 @@ def test_serve_refuses_unknown_schema_revision(deployment: Deployment, tmp_path:
     assert "Traceback" not in relay.log
     current = relay.cli("db", "current")
     assert "ffff9999" in current.stdout + current.stderr
+
+
+@pytest.mark.parametrize(
+    "deployment_config", [{"delivery": {"per_destination_concurrency": 2}}], indirect=True
+)
+def test_recovered_primary_gets_the_backlog_over_reused_sessions(
+    deployment: Deployment,
+) -> None:
+    relay = deployment.relay().start()
+    sent = [deployment.send("s@sender.example", ["alice@verrotech.com"], message(n))
+            for n in range(40)]
+    relay.wait_for(r"destination verrotech\.com is down")
+    primary = deployment.sink(PRIMARY)
+    flushed = relay.cli("queue", "flush", "--domain", "verrotech.com")
+    assert flushed.returncode == 0, flushed.stderr
+    got = primary.wait_for_messages(40, timeout=30)
+    relay.wait_for(r": delivered ", count=40)
+    assert sorted(strip_received(m.data) for m in got) == sorted(message(n) for n in range(40))
+    # two sessions at a time, each carrying many messages (RSET between them)
+    assert primary.session_count <= 4
+    assert sum(s.commands.count("RSET") for s in primary.sessions) >= 40 - primary.session_count
+    assert relay.queue_list() == []
+    assert len(sent) == 40
+    assert relay.terminate() == 0
