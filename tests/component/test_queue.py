@@ -5,6 +5,7 @@ from tests/support/postgres.py, a fresh database per test).
 """
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from relay.queue import (
     DestinationUpdate,
     NewMessage,
     Queue,
+    QueueError,
     RecipientUpdate,
     Selector,
 )
@@ -213,3 +215,38 @@ def test_storage_failure_keeps_nothing(queue: Queue) -> None:
     with pytest.raises(QueueError):
         queue.put_many([new("02"), new("01")])  # duplicate id fails the whole batch
     assert [v.id for v in queue.list()] == ["01"]
+
+
+def delivered(c: Claimed) -> Attempt:
+    return Attempt(
+        message_id=c.id, owner="n", at=T0, next_attempt_at=None, remote_host="mx[127.0.0.2]:25",
+        recipients=tuple(RecipientUpdate(r.id, r.address, RecipientStatus.DELIVERED, "250 ok",
+                                         "delivered") for r in c.recipients),
+        destination=DestinationUpdate("verrotech.com", up=True),
+    )
+
+
+def test_group_commit_applies_finished_messages_in_bulk(queue: Queue) -> None:
+    queue.put_many([new(f"0{i}") for i in range(1, 6)])
+    claimed = queue.claim_due("n", T0, limit=10, lease=600)
+    assert len(claimed) == 5
+    queue.delete(Selector(ids=("05",)))  # an operator removed one while it was in flight
+    results = queue.apply([*(delivered(c) for c in claimed), new("06")])
+    assert results == [True, True, True, True, False, True]
+    assert [v.id for v in queue.list()] == ["06"]
+    assert count(queue, delivery_log) == 4
+    assert count(queue, bodies) == 1
+    assert queue.stats().by_state == {"deferred": 1}  # the counts table agrees
+
+
+def test_group_commit_isolates_a_failing_operation(queue: Queue) -> None:
+    queue.put_many([new("01"), new("02"), new("DUP")])
+    claimed = queue.claim_due("n", T0, limit=10, lease=600)
+    by_id = {c.id: c for c in claimed}
+    # a DSN whose queue ID already exists makes its attempt fail, and only that one
+    bad = replace(delivered(by_id["02"]), dsns=(new("DUP", sender=""),))
+    results = queue.apply([delivered(by_id["01"]), bad])
+    assert results[0] is True
+    assert isinstance(results[1], QueueError)
+    assert {v.id for v in queue.list()} == {"02", "DUP"}  # 02 untouched, still leased
+    assert count(queue, delivery_log) == 1
