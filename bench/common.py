@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -93,3 +94,15 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+
+
+def flush_and_drain(config: Path, sink: DiscardSink, messages: int, limit: float) -> float:
+    """Flush the relay's queue into `sink`; seconds until it has every message."""
+    started = time.perf_counter()
+    subprocess.run(relay_cmd(config, "queue", "flush", "--all"), check=True,
+                   capture_output=True)
+    while sink.count < messages:
+        if time.perf_counter() - started > limit:
+            raise SystemExit(f"drain stalled at {sink.count} of {messages}")
+        time.sleep(0.05)  # a benchmark harness polling a counter
+    return time.perf_counter() - started

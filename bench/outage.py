@@ -31,6 +31,7 @@ from common import (
     SINK_HOST,
     DiscardSink,
     body,
+    flush_and_drain,
     free_port,
     queue_total,
     relay_cmd,
@@ -146,14 +147,7 @@ next_hop = "[{SINK_HOST}]:{sink_port}"
               f"backoff 10s..20s)")
 
         sink = DiscardSink(SINK_HOST, sink_port)
-        started = time.perf_counter()
-        subprocess.run(relay_cmd(config, "queue", "flush", "--all"), check=True,
-                       capture_output=True)
-        while sink.count < args.messages:
-            if time.perf_counter() - started > 3600:
-                raise SystemExit(f"drain stalled at {sink.count}")
-            time.sleep(0.2)
-        drained = time.perf_counter() - started
+        drained = flush_and_drain(config, sink, args.messages, limit=3600)
         print(f"primary back: drained {args.messages} msgs in {drained:.0f} s = "
               f"{args.messages / drained:.0f} msg/s over {sink.sessions} sessions")
         print(f"relay peak RSS: {rss_kb(relay.proc.pid) / 1024:.0f} MB")

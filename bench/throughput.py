@@ -29,6 +29,7 @@ from common import (
     SINK_HOST,
     DiscardSink,
     body,
+    flush_and_drain,
     free_port,
     queue_total,
     relay_cmd,
@@ -132,14 +133,7 @@ next_hop = "[{SINK_HOST}]:{sink_port}"
         assert queue_total(config) == args.messages
 
         sink = DiscardSink(SINK_HOST, sink_port)
-        started = time.perf_counter()
-        subprocess.run(relay_cmd(config, "queue", "flush", "--all"), check=True,
-                       capture_output=True)
-        while sink.count < args.messages:
-            if time.perf_counter() - started > 600:
-                raise SystemExit(f"drain stalled at {sink.count}")
-            time.sleep(0.05)
-        drained = time.perf_counter() - started
+        drained = flush_and_drain(config, sink, args.messages, limit=600)
         print(f"drain:  {args.messages} msgs to a local sink: {args.messages / drained:.0f} msg/s "
               f"over {sink.sessions} sessions")
         print(f"relay peak RSS: {rss_kb(proc.pid) / 1024:.0f} MB")

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ from relay.queue import (
     Selector,
 )
 from relay.schema import messages
-from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,21 +66,6 @@ SPEC_METRICS = {
 
 # -- databases -------------------------------------------------------------------
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=needs_postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/queue.db"
-    else:  # a fresh database on the session's server, dropped afterwards
-        url = request.getfixturevalue("postgres_db_url")
-    engine = db.connect(url)
-    db.upgrade(engine)
-    try:
-        yield Queue(engine)
-    finally:
-        engine.dispose()
 
 
 def new(qid: str, *rcpts: str, at: datetime = T0, sender: str = "s@sender.example") -> NewMessage:

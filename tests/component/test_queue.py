@@ -4,15 +4,12 @@ Every test runs on SQLite and on PostgreSQL (the session's private server
 from tests/support/postgres.py, a fresh database per test).
 """
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Table, func, select
 
-from relay import db
 from relay.model import MessageState, RecipientStatus
 from relay.queue import (
     Attempt,
@@ -25,25 +22,9 @@ from relay.queue import (
     Selector,
 )
 from relay.schema import bodies, delivery_log, messages
-from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=needs_postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/queue.db"
-    else:  # a fresh database on the session's server, dropped afterwards
-        url = request.getfixturevalue("postgres_db_url")
-    engine = db.connect(url)
-    db.upgrade(engine)
-    try:
-        yield Queue(engine)
-    finally:
-        engine.dispose()
 
 
 def new(qid: str, *rcpts: str, sender: str = "s@sender.example", at: datetime = T0) -> NewMessage:
