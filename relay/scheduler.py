@@ -323,7 +323,10 @@ class Scheduler:
             log.info("destination %s is down: %s", message.destination,
                      decision.attempt.last_error)
             return "down"
-        if any(outcome is Outcome.DELIVERED for _, outcome, _ in decision.results):
+        if window.timed(duration):
+            log.info("destination %s slowed down (%.1f s for one message); window now %d",
+                     message.destination, duration, window.sessions)
+        elif any(outcome is Outcome.DELIVERED for _, outcome, _ in decision.results):
             window.success()
         return "ok"
 

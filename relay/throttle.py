@@ -2,8 +2,9 @@
 
 Owns how many sessions one destination may have at once: a window that
 starts small, grows by one with each delivery that went through, and halves
-when the destination pushes back (421 or 4.7.x "too many connections", a
-refused or timed-out connection while other sessions to it are working).
+when the destination pushes back (421 or 4.7.x "too many connections") or
+slows down (a delivery that takes several times as long as its recent
+average: a struggling primary should get fewer parallel sessions, not more).
 Refuses I/O; the scheduler asks and reports.
 """
 
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from relay.model import DeliveryReport
 
 INITIAL_WINDOW = 5  # Postfix's initial_destination_concurrency
+SLOW_FACTOR = 4.0  # a delivery this many times the average counts as a slow-down
+SLOW_FLOOR = 2.0  # seconds: quicker deliveries never count as slow
+SMOOTHING = 0.2  # weight of the newest duration in the moving average
 
 
 def pushed_back(report: DeliveryReport) -> bool:
@@ -32,6 +36,7 @@ def pushed_back(report: DeliveryReport) -> bool:
 class Window:
     limit: int  # delivery.per_destination_concurrency
     size: float = field(default=float(INITIAL_WINDOW))
+    average: float | None = None  # seconds per delivery, moving average
 
     def __post_init__(self) -> None:
         self.size = min(self.size, float(self.limit))
@@ -47,3 +52,18 @@ class Window:
     def push_back(self) -> None:
         """The destination throttled us: halve the window (at least one session)."""
         self.size = max(1.0, self.size / 2)
+
+    def timed(self, seconds: float) -> bool:
+        """Account one delivery's duration; True (and the window halved) if it
+        shows the destination slowing down."""
+        slow = (
+            self.average is not None
+            and seconds >= SLOW_FLOOR
+            and seconds >= SLOW_FACTOR * self.average
+        )
+        self.average = seconds if self.average is None else (
+            (1 - SMOOTHING) * self.average + SMOOTHING * seconds
+        )
+        if slow:
+            self.push_back()
+        return slow
