@@ -410,9 +410,9 @@ class Queue:
     def apply(self, ops: Sequence[NewMessage | Attempt]) -> list[bool | QueueError]:
         """Group commit: puts and recorded attempts in one transaction (one fsync).
 
-        Attempts that finish their message (every recipient delivered or
-        bounced: the common case while draining) are applied together, in a
-        few statements for the whole batch. Everything else runs in its own
+        New messages are inserted together, and attempts that finish their
+        message (every recipient delivered or bounced: the common case while
+        draining) are applied together, a few statements for the whole batch. Everything else runs in its own
         savepoint, so one operation that fails is rolled back alone and
         reported in its slot; the others commit. A failing commit raises
         QueueError: then none of them is stored.
@@ -425,6 +425,15 @@ class Queue:
                     if isinstance(op, Attempt) and op.recipients
                     and all(u.status.final for u in op.recipients)
                 ]
+                puts = [n for n, op in enumerate(ops) if isinstance(op, NewMessage)]
+                if len(puts) > 1:
+                    try:
+                        with conn.begin_nested():
+                            self._insert(conn, [ops[n] for n in puts])  # type: ignore[misc]
+                        for n in puts:
+                            results[n] = True
+                    except SQLAlchemyError:
+                        pass  # one of them is at fault: the one-by-one path finds which
                 if len(finishing) > 1:
                     try:
                         with conn.begin_nested():
