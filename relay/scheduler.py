@@ -128,6 +128,8 @@ class Scheduler:
         self._stopping = True
         self._wake.set()
         waiting = [m.id for ready in self._ready.values() for m in ready]
+        for ready in self._ready.values():
+            ready.clear()  # in place: workers hold these deques
         self._ready.clear()
         if waiting:
             await self._store.call(self._queue.unclaim, waiting, self._owner, self._clock.now())
@@ -243,11 +245,14 @@ class Scheduler:
 
     async def _park_rest(self, destination: str) -> None:
         """The destination is down: its other claimed messages wait for the probe."""
-        rest = self._ready.pop(destination, deque())
-        if rest:
-            await self._store.call(
-                self._queue.unclaim, [m.id for m in rest], self._owner, self._clock.now()
-            )
+        ready = self._ready.get(destination)
+        if not ready:
+            return
+        # Emptied in place: the destination's other workers hold this same deque
+        # and must not go on delivering what is given back here.
+        rest = [m.id for m in ready]
+        ready.clear()
+        await self._store.call(self._queue.unclaim, rest, self._owner, self._clock.now())
 
     # ------------------------------------------------------------ one message
 
