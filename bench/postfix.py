@@ -14,17 +14,19 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 PACKAGE_TOOLS = ("postfix", "postqueue", "postsuper", "smtp-source", "smtp-sink")
 PRESEED = "postfix postfix/main_mailer_type select No configuration\n"
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
-# Debian's master.cf (postfix 3.7) with every chroot column set to n and the
-# pipe(8) examples (maildrop, uucp, ...) left out: nothing here delivers locally.
+# Debian's master.cf (postfix 3.7) with every chroot column set to n, smtpd on
+# one address only, and the pipe(8) examples (maildrop, uucp, ...) left out:
+# nothing here delivers locally.
 MASTER_CF = """\
 # service type  private unpriv  chroot  wakeup  maxproc command + args
-smtp      inet  n       -       n       -       -       smtpd
+{listen}:smtp inet n    -       n       -       -       smtpd
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -130,12 +132,13 @@ class PostfixInstance:
         self.queue_dir.mkdir(exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
         shutil.chown(self.data_dir, "postfix", "postfix")
-        (self.config_dir / "master.cf").write_text(MASTER_CF)
+        (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=listen))
         (self.config_dir / "main.cf").write_text(f"""\
 compatibility_level = 3.6
 queue_directory = {self.queue_dir}
 data_directory = {self.data_dir}
 maillog_file = {self.maillog}
+maillog_file_prefixes = {self.root}
 myhostname = bench-postfix.example
 mydomain = bench-postfix.example
 myorigin = $myhostname
@@ -145,7 +148,11 @@ alias_maps =
 alias_database =
 biff = no
 append_dot_mydomain = no
-inet_interfaces = {listen}
+# Postfix refuses an inet_interfaces address no interface has (127.0.0.20 is
+# only routed to lo, not configured on it): the smtpd line in master.cf names
+# {listen}:25 instead; this keeps every other service and the
+# smtp client's source address on loopback.
+inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 
@@ -153,7 +160,7 @@ mynetworks = 127.0.0.0/8
 # primary (a static next hop, no DNS), like mx-relay's [domains] next_hop
 relay_domains = {domain}
 relay_recipient_maps =
-transport_maps = inline:{{ {domain} = smtp:{next_hop} }}
+transport_maps = inline:{{{domain}=smtp:{next_hop}}}
 smtpd_relay_restrictions = permit_auth_destination, reject
 smtpd_recipient_restrictions = permit_auth_destination, reject
 smtpd_peername_lookup = no
@@ -185,9 +192,16 @@ bounce_queue_lifetime = 5d
     def start(self) -> None:
         result = self._postfix("start", check=False, timeout=120)
         if result.returncode != 0:
-            raise SystemExit(f"postfix did not start:\n{result.stdout}{result.stderr}"
-                             f"{self.log_tail()}")
+            raise SystemExit(f"postfix did not start:\n{self.why()}{self.log_tail()}")
         self.started = True
+
+    def why(self) -> str:
+        """postfix(1) reports to stderr only when it is a terminal: give it one."""
+        check = f"postfix -c {self.config_dir} check"
+        if shutil.which("script") is None:
+            return f"(run `{check}` in a terminal to see why)\n"
+        out = _run(["script", "-qc", check, "/dev/null"], check=False)
+        return out.stdout
 
     def master_pid(self) -> int | None:
         try:
@@ -210,10 +224,8 @@ bounce_queue_lifetime = 5d
         else:
             if pid is not None:
                 self._postfix("abort", check=False)
-                try:
+                with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         self.started = False
 
     def queued(self) -> int:
@@ -228,6 +240,18 @@ bounce_queue_lifetime = 5d
     def wipe(self) -> None:
         """Delete every queued message (postsuper -d ALL)."""
         _run(["postsuper", "-c", str(self.config_dir), "-d", "ALL"], check=False, timeout=300)
+
+    def renew(self, trash: Path) -> None:
+        """Stopped: move the queue directory into `trash` (start() makes a new one).
+
+        Cheaper for the next measurement than deleting: on a disk mounted with
+        online discard, blocks freed by thousands of unlinks are trimmed, and
+        on thin-provisioned virtual disks writing into them again is slower.
+        """
+        assert not self.started
+        trash.mkdir(parents=True, exist_ok=True)
+        self.queue_dir.rename(trash / f"postfix-queue-{time.monotonic_ns()}")
+        self.queue_dir.mkdir()
 
     def flush_command(self) -> list[str]:
         return ["postqueue", "-c", str(self.config_dir), "-f"]
