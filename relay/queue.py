@@ -10,7 +10,7 @@ stores them. Methods are synchronous and meant to run in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -412,36 +412,28 @@ class Queue:
 
         New messages are inserted together, and attempts that finish their
         message (every recipient delivered or bounced: the common case while
-        draining) are applied together, a few statements for the whole batch. Everything else runs in its own
-        savepoint, so one operation that fails is rolled back alone and
-        reported in its slot; the others commit. A failing commit raises
-        QueueError: then none of them is stored.
+        draining) are applied together: a few statements for the whole batch.
+        Everything else, and a bulk step that failed, runs one operation per
+        savepoint, so one that fails is rolled back alone and reported in its
+        slot; the others commit. A failing commit raises QueueError: then none
+        of them is stored.
         """
         results: list[bool | QueueError | None] = [None] * len(ops)
         try:
             with self.engine.begin() as conn:
-                finishing = [
-                    n for n, op in enumerate(ops)
-                    if isinstance(op, Attempt) and op.recipients
-                    and all(u.status.final for u in op.recipients)
-                ]
-                puts = [n for n, op in enumerate(ops) if isinstance(op, NewMessage)]
-                if len(puts) > 1:
-                    try:
-                        with conn.begin_nested():
-                            self._insert(conn, [ops[n] for n in puts])  # type: ignore[misc]
-                        for n in puts:
+                new = [op for op in ops if isinstance(op, NewMessage)]
+                if len(new) > 1 and _in_savepoint(conn, lambda: self._insert(conn, new)):
+                    for n, op in enumerate(ops):
+                        if isinstance(op, NewMessage):
                             results[n] = True
-                    except SQLAlchemyError:
-                        pass  # one of them is at fault: the one-by-one path finds which
-                if len(finishing) > 1:
-                    try:
-                        with conn.begin_nested():
-                            done = self._finish(conn, [ops[n] for n in finishing])  # type: ignore[misc]
-                        for n in finishing:
-                            results[n] = ops[n].message_id in done  # type: ignore[union-attr]
-                    except SQLAlchemyError:
-                        pass  # one of them is at fault: the one-by-one path finds which
+                ending = [op for op in ops if isinstance(op, Attempt) and _ends_message(op)]
+                done: set[str] = set()
+                if len(ending) > 1 and _in_savepoint(
+                    conn, lambda: done.update(self._finish(conn, ending))
+                ):
+                    for n, op in enumerate(ops):
+                        if isinstance(op, Attempt) and _ends_message(op):
+                            results[n] = op.message_id in done
                 for n, op in enumerate(ops):
                     if results[n] is not None:
                         continue
@@ -1031,6 +1023,22 @@ ON CONFLICT (destination, state, shard) DO UPDATE SET n = c.n + excluded.n"""
                 delete(queue_counts).where(queue_counts.c.shard == 0, queue_counts.c.n == 0)
             )
         return max(folded, 0)
+
+
+def _ends_message(attempt: Attempt) -> bool:
+    """After this attempt no recipient is pending: the message leaves the queue."""
+    return bool(attempt.recipients) and all(u.status.final for u in attempt.recipients)
+
+
+def _in_savepoint(conn: Connection, step: Callable[[], object]) -> bool:
+    """Run a bulk step in a savepoint; False (rolled back) if any statement failed,
+    and the one-by-one path then finds which operation is at fault."""
+    try:
+        with conn.begin_nested():
+            step()
+    except SQLAlchemyError:
+        return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:
