@@ -480,9 +480,14 @@ class Figure:
     baseline: Figure | None = None  # ratio against this mx-relay figure, not Postfix
     note: str = ""
 
-    def add(self, server: Server, value: float, other: float = 0.0) -> None:
+    noisy: set[str] = field(default_factory=set)  # servers with a run above max_other
+
+    def add(self, server: Server, value: float, other: float = 0.0,
+            limit: float = float("inf")) -> None:
         (self.relay if server.name == "mx-relay" else self.postfix).append(value)
         self.other.append(other)
+        if other > limit:
+            self.noisy.add(server.name)
 
     @staticmethod
     def median(values: list[float]) -> float | None:
@@ -503,6 +508,7 @@ class Figure:
                 if self.baseline else "Postfix",
                 "mx_relay_runs": self.relay, "postfix_runs": self.postfix,
                 "max_other_load_cores": round(max(self.other, default=0.0), 2),
+                "servers_with_a_noisy_run": sorted(self.noisy),
                 "note": self.note}
 
 
@@ -526,9 +532,9 @@ def table(figures: list[Figure]) -> str:
         ratio_text = "-" if ratio is None else f"{ratio:.2f}"
         if f.baseline and ratio is not None:
             ratio_text += f" (vs {cell(f.baseline.relay, f.unit).split()[0]} empty, alongside)"
-        relay = f.note or cell(f.relay, f.unit)
-        lines.append(f"| {f.label} ({f.unit}) | {relay} | {cell(f.postfix, f.unit)} "
-                     f"| {ratio_text} |")
+        relay = (f.note or cell(f.relay, f.unit)) + ("*" if "mx-relay" in f.noisy else "")
+        postfix = cell(f.postfix, f.unit) + ("*" if "Postfix" in f.noisy else "")
+        lines.append(f"| {f.label} ({f.unit}) | {relay} | {postfix} | {ratio_text} |")
     return "\n".join(lines)
 
 
@@ -553,11 +559,12 @@ class Params:
 T = TypeVar("T")
 
 
-def clean(what: str, p: Params, measure: Callable[[], tuple[T, float]]) -> tuple[T, float]:
-    """Measure; again (at most twice) while other processes used > max_other cores."""
-    for attempt in range(3):
+def clean(what: str, p: Params, measure: Callable[[], tuple[T, float]],
+          tries: int = 3) -> tuple[T, float]:
+    """Measure; again (`tries` in all) while other processes used > max_other cores."""
+    for attempt in range(tries):
         value, other = measure()
-        if other <= p.max_other or attempt == 2:
+        if other <= p.max_other or attempt == tries - 1:
             return value, other
         log(f"{what}: other processes used {other:.2f} cores meanwhile; measuring again")
     raise AssertionError("unreachable")
@@ -616,14 +623,14 @@ def run_accept(servers: list[Server], p: Params, figures: dict[str, Figure]) -> 
                 what = f"run {run + 1}: {server.name} accept, {sessions} session(s)"
                 rate, other = clean(what, p, partial(measure_accept, server, p.messages,
                                                      sessions))
-                figures[key].add(server, rate, other)
+                figures[key].add(server, rate, other, p.max_other)
                 log(f"{what}: {rate:.0f} msg/s{load_note(other)}")
         for server in order:
             what = f"run {run + 1}: {server.name} DATA-end -> 250, 1 session"
             (p50, p99), other = clean(what, p, partial(measure_latency, server,
                                                        p.latency_messages))
-            figures["p50"].add(server, p50, other)
-            figures["p99"].add(server, p99, other)
+            figures["p50"].add(server, p50, other, p.max_other)
+            figures["p99"].add(server, p99, other, p.max_other)
             log(f"{what}: p50 {p50:.1f} ms, p99 {p99:.1f} ms{load_note(other)}")
 
 
@@ -647,7 +654,7 @@ def run_prefilled(relay: Relay, full: Relay, p: Params, figures: dict[str, Figur
             queued = "an empty queue" if key == "empty" else f"{p.prefill:,} queued"
             what = f"run {run + 1}: mx-relay accept, {SESSIONS} sessions, {queued}"
             rate, other = clean(what, p, partial(measure_accept, server, p.messages, SESSIONS))
-            figures[key].add(server, rate, other)
+            figures[key].add(server, rate, other, p.max_other)
             log(f"{what}: {rate:.0f} msg/s{load_note(other)}")
     full.stop()
     full.wipe()
@@ -666,27 +673,29 @@ def sink(port: int) -> Iterator[Sink]:
         s.stop()
 
 
+def measure_drain(server: Server, p: Params) -> tuple[float, float]:
+    """Queue p.drain with the primary down, then sink + flush: msg/s, others' cores."""
+    server.reset()
+    log(f"{server.name}: queueing {p.drain:,} messages, primary down")
+    measure_accept(server, p.drain, SESSIONS)
+    quiesce()
+    with sink(server.sink_port):
+        start = Meter.now()
+        subprocess.run(server.flush_command(), check=True, capture_output=True, timeout=120)
+        wait_for(f"{server.name}: queue empty after flush", partial(is_empty, server),
+                 60 + p.drain / 10)
+        end = Meter.now()
+    return p.drain / (end.wall - start.wall), end.other_since(start)
+
+
 def run_drain(servers: list[Server], p: Params, figure: Figure) -> None:
     for run in range(p.runs):
         order = servers if run % 2 == 0 else servers[::-1]
         for server in order:
-            server.reset()
-            log(f"{server.name}: queueing {p.drain:,} messages, primary down")
-            measure_accept(server, p.drain, SESSIONS)
-            quiesce()
-            with sink(server.sink_port):
-                start = Meter.now()
-                subprocess.run(server.flush_command(), check=True, capture_output=True,
-                               timeout=120)
-                wait_for(f"{server.name}: queue empty after flush",
-                         partial(is_empty, server), 60 + p.drain / 10)
-                end = Meter.now()
-            seconds = end.wall - start.wall
-            other = end.other_since(start)
-            rate = p.drain / seconds
-            figure.add(server, rate, other)
-            log(f"run {run + 1}: {server.name} drained {p.drain:,} in {seconds:.1f} s: "
-                f"{rate:.0f} msg/s{load_note(other)}")
+            what = f"run {run + 1}: {server.name} drain of {p.drain:,}"
+            rate, other = clean(what, p, partial(measure_drain, server, p), tries=2)
+            figure.add(server, rate, other, p.max_other)
+            log(f"{what}: {rate:.0f} msg/s{load_note(other)}")
 
 
 def run_rss(relay: Relay, p: Params, figure: Figure) -> None:
@@ -856,7 +865,7 @@ def main() -> None:
     print("\nratio = mx-relay / Postfix (msg/s: above 1 is mx-relay faster; ms: above 1 is "
           "mx-relay slower); the already-queued row compares with mx-relay on an empty "
           f"queue, measured in turns with it. Other processes used at most {other:.2f} cores "
-          f"during a measurement (over {p.max_other}: measured again, twice at most).")
+          f"during a measurement (over {p.max_other}: measured again; * where one still was).")
     if args.json:
         args.json.write_text(json.dumps({
             "params": {"messages": p.messages, "runs": p.runs, "drain": p.drain,
