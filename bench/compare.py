@@ -75,6 +75,8 @@ SIZE = 10_000
 SESSIONS = 10
 WARMUP = 100  # messages over 10 sessions after every reset, not measured
 LATENCY_MAX = 1000  # latency probe: at most this many messages per run
+FULL = {"messages": 5000, "runs": 3, "drain": 20_000, "prefill": 100_000, "rss_queue": 1_000_000}
+QUICK = {"messages": 300, "runs": 1, "drain": 1000, "prefill": 10_000, "rss_queue": 100_000}
 
 
 def log(text: str) -> None:
@@ -429,6 +431,7 @@ class Postfix:
     def __init__(self, work: Path, sink_port: int, trash: Path) -> None:
         self.host, self.port, self._sink_port = POSTFIX_HOST, 25, sink_port
         self.trash = trash
+        self._session: int | None = None  # master(8)'s session: its daemons' CPU is ours
         self.instance = postfix.PostfixInstance(work, POSTFIX_HOST, f"[{PRIMARY_HOST}]:{sink_port}",
                                                 DOMAIN)
 
@@ -440,14 +443,14 @@ class Postfix:
         self.instance.start()
         wait_for("postfix smtpd", lambda: listening(self.host, self.port), 60)
         pid = self.instance.master_pid()
-        if pid is not None:
-            OUR_SESSIONS.add(os.getsid(pid))
+        self._session = os.getsid(pid) if pid is not None else None
+        if self._session is not None:
+            OUR_SESSIONS.add(self._session)
 
     def stop(self) -> None:
-        pid = self.instance.master_pid()
         self.instance.stop()
-        if pid is not None:
-            OUR_SESSIONS.discard(pid)
+        if self._session is not None:
+            OUR_SESSIONS.discard(self._session)
 
     def reset(self) -> None:
         """A new, empty queue directory; the old one goes to trash (see renew())."""
@@ -734,13 +737,13 @@ def environment() -> dict[str, str]:
 def main() -> None:
     reexec_in_venv()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=5000, help="per accept figure")
-    parser.add_argument("--runs", type=int, default=3, help="figures are medians over runs")
-    parser.add_argument("--drain", type=int, default=20_000, help="backlog to drain")
-    parser.add_argument("--prefill", type=int, default=100_000,
-                        help="mx-relay: messages queued before the 'already queued' figure")
-    parser.add_argument("--rss-queue", type=int, default=1_000_000,
-                        help="mx-relay: messages queued for the RSS figure (0: skip)")
+    parser.add_argument("--messages", type=int, help="per accept figure (5000)")
+    parser.add_argument("--runs", type=int, help="figures are medians over runs (3)")
+    parser.add_argument("--drain", type=int, help="backlog to drain (20,000)")
+    parser.add_argument("--prefill", type=int,
+                        help="mx-relay: queued for the already-queued figure (100,000; 0: skip)")
+    parser.add_argument("--rss-queue", type=int,
+                        help="mx-relay: messages queued for the RSS figure (1,000,000; 0: skip)")
     parser.add_argument("--skip-postfix", action="store_true", help="mx-relay figures only")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 300 messages, 1 run, drain 1000, prefill 10,000, "
@@ -750,9 +753,10 @@ def main() -> None:
                              "than this many cores meanwhile (idle machine: about 0.1)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    if args.quick:
-        args.messages, args.runs, args.drain = 300, 1, 1000
-        args.prefill, args.rss_queue = 10_000, 100_000
+    defaults = QUICK if args.quick else FULL  # what the command line leaves out
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     p = Params(args.messages, args.runs, args.drain, args.prefill, args.rss_queue,
                args.skip_postfix, args.max_other)
 

@@ -17,7 +17,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-PACKAGE_TOOLS = ("postfix", "postqueue", "postsuper", "smtp-source", "smtp-sink")
+PACKAGE_TOOLS = ("postfix", "postqueue", "smtp-source", "smtp-sink")
 PRESEED = "postfix postfix/main_mailer_type select No configuration\n"
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
@@ -236,10 +236,6 @@ bounce_queue_lifetime = 5d
         """Messages not yet settled in the deferred queue (incoming, active)."""
         return sum(count_files(self.queue_dir / name) for name in ("maildrop", "incoming",
                                                                     "active"))
-
-    def wipe(self) -> None:
-        """Delete every queued message (postsuper -d ALL)."""
-        _run(["postsuper", "-c", str(self.config_dir), "-d", "ALL"], check=False, timeout=300)
 
     def renew(self, trash: Path) -> None:
         """Stopped: move the queue directory into `trash` (start() makes a new one).
