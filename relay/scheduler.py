@@ -86,6 +86,7 @@ class Scheduler:
         self._stopping = False
         self._last_expiry = 0.0
         self._last_prune = 0.0
+        self._probed_at: datetime | None = None
 
     def wake(self) -> None:
         """New mail or a flush: look for due work now instead of at the next tick."""
@@ -153,9 +154,13 @@ class Scheduler:
     async def _pass(self) -> None:
         now = self._clock.now()
         await self._housekeeping(now)
-        stale = now - timedelta(seconds=self._limits.lease)
-        for name in await self._store.call(self._queue.start_probes, now, stale):
-            log.info("destination %s: probing after backoff", name)
+        if self._probed_at is None or (now - self._probed_at).total_seconds() >= (
+            self._limits.poll_interval
+        ):  # not on every wake-up: a drain wakes the loop once per delivered message
+            self._probed_at = now
+            stale = now - timedelta(seconds=self._limits.lease)
+            for name in await self._store.call(self._queue.start_probes, now, stale):
+                log.info("destination %s: probing after backoff", name)
         buffered = sum(len(r) for r in self._ready.values())
         room = self._limits.buffer - buffered
         if room >= self._limits.concurrency // 2 or (buffered == 0 and room > 0):
