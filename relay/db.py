@@ -45,29 +45,59 @@ def normalise_url(url: str) -> URL:
     raise DatabaseError(f"unsupported database URL scheme {parsed.drivername!r}")
 
 
-def _sqlite_setup(engine: Engine) -> None:
-    """WAL with synchronous=FULL: a commit is on disk before we answer 250."""
+def _sqlite_setup(engine: Engine, background_checkpoints: bool) -> None:
+    """WAL with synchronous=FULL: a commit is on disk before we answer 250.
+
+    With `background_checkpoints` no commit copies the WAL into the database
+    file (SQLite's default does that every 1,000 pages, inside the commit of
+    whichever message is unlucky): the caller runs `checkpoint()` in a
+    thread of its own instead.
+    """
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if background_checkpoints:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
+        record.info["synchronous"] = "FULL"
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        options = conn.get_execution_options()
+        sync = "FULL" if options.get("durable", True) else "NORMAL"
+        info = conn.connection.info
+        if info.get("synchronous") != sync:  # the PRAGMA cannot change inside a transaction
+            conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
+            info["synchronous"] = sync
         # Writers take the lock at BEGIN, so two writers queue up on
         # busy_timeout instead of failing when a read upgrades to a write.
-        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'IMMEDIATE')}")
 
 
-def connect(url: str) -> Engine:
-    """An engine for the queue URL; SQLite's directory is created if missing."""
+def _postgresql_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if not conn.get_execution_options().get("durable", True):
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+
+def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
+    """An engine for the queue URL; SQLite's directory is created if missing.
+
+    `background_checkpoints`: the caller checkpoints SQLite's WAL itself
+    (see `checkpoint`), so commits never do; no effect on PostgreSQL.
+
+    Every transaction is durable (fsync'd at commit) unless begun on a
+    connection with the execution option `durable=False`: then its commit may
+    be lost in a power failure, atomically, but never half applied. For state
+    that is safe to lose: a lost delivery record means a message is sent again.
+    """
     try:
         parsed = normalise_url(url)
     except Exception as exc:  # sqlalchemy's URL parser raises ArgumentError
@@ -81,9 +111,27 @@ def connect(url: str) -> Engine:
                     f"cannot create directory for {parsed.database}: {exc.strerror}"
                 ) from None
         engine = create_engine(parsed, pool_size=8, max_overflow=8)
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, background_checkpoints)
         return engine
-    return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    engine = create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    _postgresql_setup(engine)
+    return engine
+
+
+def checkpoint(engine: Engine) -> int:
+    """Copy committed WAL frames into SQLite's database file without blocking
+    the writer or readers (PASSIVE); the frames still in the WAL afterwards.
+    A no-op returning 0 on other databases."""
+    if engine.dialect.name != "sqlite":
+        return 0
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        _busy, frames, copied = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        cursor.close()
+    finally:
+        raw.close()
+    return max(frames - copied, 0)
 
 
 def _alembic_config() -> AlembicConfig:

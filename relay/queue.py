@@ -10,13 +10,16 @@ stores them. Methods are synchronous and meant to run in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     and_,
     delete,
     exists,
@@ -198,6 +201,13 @@ class Queue:
         self.engine = engine
         self._postgres = engine.dialect.name == "postgresql"
 
+    @contextmanager
+    def _transaction(self, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction; `durable=False`: its commit need not reach the disk
+        before we go on (see db.connect)."""
+        with self.engine.connect().execution_options(durable=durable) as conn, conn.begin():
+            yield conn
+
     # -- accept side -------------------------------------------------------
 
     def put_many(self, batch: Sequence[NewMessage]) -> None:
@@ -350,23 +360,17 @@ class Queue:
         if self._postgres:
             query = query.with_for_update(skip_locked=True)
         until = now + timedelta(seconds=lease)
-        with self.engine.begin() as conn:
+        with self._transaction(durable=False) as conn:  # a lost lease is recovered
             found = conn.execute(query.add_columns(messages.c.next_attempt_at)).all()
             if not found:
                 return []
             ids = [row.id for row in found]
             before = {row.id: row.next_attempt_at for row in found}
-            conn.execute(
+            rows = conn.execute(
                 update(messages)
                 .where(messages.c.id.in_(ids), messages.c.state.in_(from_states))
                 .values(state=MessageState.ACTIVE.value, lease_owner=owner, lease_expires_at=until)
-            )
-            rows = conn.execute(
-                select(messages).where(
-                    messages.c.id.in_(ids),
-                    messages.c.lease_owner == owner,
-                    messages.c.state == MessageState.ACTIVE.value,
-                )
+                .returning(*messages.c)
             ).all()
             rcpts: dict[str, list[PendingRecipient]] = {}
             for r in conn.execute(
@@ -418,9 +422,19 @@ class Queue:
         slot; the others commit. A failing commit raises QueueError: then none
         of them is stored.
         """
+        # Accepted mail is fsync'd before its 250; delivery records alone need
+        # not be (see db.connect): lost in a power failure, they only mean a
+        # message is sent again, as with Postfix's unlink of a delivered file.
+        durable = any(isinstance(op, NewMessage) for op in ops)
+        if len(ops) == 1:  # nothing to isolate it from: no savepoint
+            try:
+                with self._transaction(durable) as conn:
+                    return [self._apply_one(conn, ops[0])]
+            except SQLAlchemyError as exc:
+                return [QueueError(_one_line(exc))]
         results: list[bool | QueueError | None] = [None] * len(ops)
         try:
-            with self.engine.begin() as conn:
+            with self._transaction(durable) as conn:
                 new = [op for op in ops if isinstance(op, NewMessage)]
                 if len(new) > 1 and _in_savepoint(conn, lambda: self._insert(conn, new)):
                     for n, op in enumerate(ops):
@@ -439,23 +453,22 @@ class Queue:
                         continue
                     try:
                         with conn.begin_nested():
-                            if isinstance(op, NewMessage):
-                                self._insert(conn, [op])
-                                results[n] = True
-                            else:
-                                results[n] = self._record(conn, op)
+                            results[n] = self._apply_one(conn, op)
                     except SQLAlchemyError as exc:
                         results[n] = QueueError(_one_line(exc))
         except SQLAlchemyError as exc:
             raise QueueError(_one_line(exc)) from exc
         return [r if r is not None else QueueError("not applied") for r in results]
 
+    def _apply_one(self, conn: Connection, op: NewMessage | Attempt) -> bool:
+        if isinstance(op, NewMessage):
+            self._insert(conn, [op])
+            return True
+        return self._record(conn, op)
+
     def _finish(self, conn: Connection, attempts: Sequence[Attempt]) -> set[str]:
         """Apply attempts after which their messages leave the queue, in bulk."""
-        ids = [a.message_id for a in attempts]
-        rows = conn.execute(
-            select(messages.c.id, messages.c.destination).where(messages.c.id.in_(ids))
-        ).all()
+        rows = self._remove(conn, [a.message_id for a in attempts])
         present = {row.id for row in rows}
         log_rows = [
             {
@@ -474,7 +487,6 @@ class Queue:
         dsns = [dsn for a in attempts for dsn in a.dsns]
         if dsns:
             self._insert(conn, dsns)
-        self._remove(conn, list(present))
         latest: dict[str, DestinationUpdate] = {}
         silent: set[str] = set()
         destination_of = {row.id: row.destination for row in rows}
@@ -820,20 +832,26 @@ class Queue:
             self._remove(conn, ids)
             return len(ids)
 
-    def _remove(self, conn: Connection, ids: Sequence[str]) -> None:
+    def _remove(self, conn: Connection, ids: Sequence[str]) -> Sequence[Row[Any]]:
+        """Delete these messages (their recipients go by ON DELETE CASCADE) and
+        bodies no other entry shares; rows (id, destination, body_id) of those
+        that were there."""
         if not ids:
-            return
-        body_ids = (
-            conn.execute(select(messages.c.body_id).where(messages.c.id.in_(ids))).scalars().all()
-        )
-        conn.execute(delete(recipients).where(recipients.c.message_id.in_(ids)))
-        conn.execute(delete(messages).where(messages.c.id.in_(ids)))
-        conn.execute(
-            delete(bodies).where(
-                bodies.c.id.in_(set(body_ids)),
-                ~exists().where(messages.c.body_id == bodies.c.id),
+            return []
+        rows = conn.execute(
+            delete(messages)
+            .where(messages.c.id.in_(ids))
+            .returning(messages.c.id, messages.c.destination, messages.c.body_id)
+        ).all()
+        body_ids = {row.body_id for row in rows}
+        if body_ids:
+            conn.execute(
+                delete(bodies).where(
+                    bodies.c.id.in_(body_ids),
+                    ~exists().where(messages.c.body_id == bodies.c.id),
+                )
             )
-        )
+        return rows
 
     def existing(self, ids: Iterable[str]) -> set[str]:
         wanted = list(ids)

@@ -52,6 +52,13 @@ class Limits:
         """Claimed-but-not-started messages we hold at most: claims come in batches."""
         return 2 * self.concurrency
 
+    @property
+    def low_water(self) -> int:
+        """Waiting messages per destination below which its workers ask for more:
+        two sessions' worth, so the next claim lands before the list runs dry
+        (an empty list ends the workers and the window starts small again)."""
+        return 2 * self.per_destination
+
 
 class Scheduler:
     def __init__(
@@ -164,11 +171,9 @@ class Scheduler:
         buffered = sum(len(r) for r in self._ready.values())
         room = self._limits.buffer - buffered
         if room >= self._limits.concurrency // 2 or (buffered == 0 and room > 0):
-            # Destinations that already have a session's worth waiting are left
+            # Destinations that already have two sessions' worth waiting are left
             # out, so one busy destination cannot fill the batch (fairness).
-            saturated = [
-                d for d, r in self._ready.items() if len(r) >= self._limits.per_destination
-            ]
+            saturated = [d for d, r in self._ready.items() if len(r) >= self._limits.low_water]
             claimed = await self._store.call(
                 self._queue.claim_due, self._owner, now, room, self._limits.lease, saturated
             )
@@ -241,6 +246,8 @@ class Scheduler:
             if self._workers[destination] > self._window(destination).sessions:
                 return  # the window shrank: fewer sessions from now on
             message = ready.popleft()
+            if len(ready) == self._limits.low_water - 1:
+                self.wake()  # running low: claim more while these are delivered
             verdict = await self._deliver(message)
             if verdict == "down":
                 await self._park_rest(destination)

@@ -54,10 +54,10 @@ async def serve(
         with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
 
-    engine = db.connect(config.queue.url)
+    engine = db.connect(config.queue.url, background_checkpoints=True)
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
-    store = Store(Queue(engine))
+    store = Store(Queue(engine), checkpoints=True)
     metrics = Metrics(store.queue, clock)
     rules = rules_from_config(config)
     transport = SmtpTransport(

@@ -46,6 +46,9 @@ Built on aiosmtpd 1.4's command loop; besides its documented hooks we override
 before closing) and `_create_envelope`, and replace MAIL/RCPT/DATA outright:
 stock aiosmtpd replies lack enhanced codes and its DATA keeps the command
 timer running. `push` adds enhanced codes to the stock replies that remain.
+Sessions are set up by `_init_smtp` instead of aiosmtpd's __init__, whose
+introspection would otherwise run on every connection, and DATA is read in
+bulk (`relay.smtp_data`) rather than a line per read.
 """
 
 from __future__ import annotations
@@ -55,22 +58,25 @@ import collections
 import contextlib
 import email.utils
 import functools
+import inspect
 import ipaddress
 import logging
 import re
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail
 
 from relay import maillog
 from relay.clock import Clock
 from relay.config import Config
 from relay.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path
 from relay.queue import NewMessage
+from relay.smtp_data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
 
 log = logging.getLogger("relay.smtpd")
 
@@ -79,16 +85,14 @@ OnEtrn = Callable[[str], Awaitable[object]]
 
 IDENT = "ESMTP mx-relay"
 MAX_HOPS = 50
-MAX_LINE = 1000  # 998 octets + CRLF, RFC 5321 4.5.3.1.6 / RFC 5322 2.1.1
 NO_TIMEOUT = 10.0**9  # what a configured timeout of 0 means
 
-TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
-LINE_TOO_LONG = "554 5.6.0 Error: message line longer than 998 octets"
 BARE_CR_LF = "550 5.5.2 Error: bare <CR> or <LF> in message data"
 NUL_BYTE = "554 5.6.0 Error: NUL byte in message data"
 TOO_MANY_HOPS = "554 5.4.6 Too many hops"
 STORAGE_FAILED = "451 4.3.0 Error: queue file write error"
 INTERNAL_ERROR = "451 4.3.0 Error: internal error"
+_WHOLE_BUFFER = sys.maxsize  # a read() this large empties the StreamReader's buffer
 
 _DATA_PROBLEMS = {
     TOO_BIG: "message_size",
@@ -135,7 +139,13 @@ def client_ip(peer: object) -> str:
     """The client's IP as text; IPv4-mapped IPv6 addresses as plain IPv4."""
     if not isinstance(peer, tuple) or not peer:
         return "unknown"
-    host = str(peer[0])
+    return _normal_ip(str(peer[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _normal_ip(host: str) -> str:
+    """`client_ip` for a peer host; cached, as busy senders connect again and
+    again from the same few addresses and parsing one is not free."""
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
@@ -198,6 +208,9 @@ class _Shared:
         self.command_timeout = smtp.command_timeout or NO_TIMEOUT
         self.data_timeout = smtp.data_timeout or NO_TIMEOUT
         self.etrn_networks = tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients)
+        self.handler = RelayHandler()  # stateless: one for every session
+        self.handle_hooks = handle_hooks(self.handler)
+        self.ehlo_hook_version = ehlo_hook_version(self.handle_hooks)
         self.stats = SmtpStats()
         self.metrics = metrics
         self.closing = False
@@ -344,12 +357,33 @@ class RelayHandler:
         return "221 2.0.0 Bye"
 
 
+def handle_hooks(handler: object) -> dict[str, Callable[..., Any]]:
+    """The handler's `handle_*` hooks by verb, as aiosmtpd's SMTP.__init__ finds them."""
+    return {name.replace("handle_", ""): getattr(handler, name)
+            for name in dir(handler) if name.startswith("handle_")}
+
+
+def ehlo_hook_version(hooks: dict[str, Callable[..., Any]]) -> str:
+    """aiosmtpd's `_ehlo_hook_ver`: the 5-argument ("new") handle_EHLO is the one
+    whose returned lines replace the stock EHLO reply."""
+    if len(inspect.signature(hooks["EHLO"]).parameters) != 5:
+        raise TypeError("handle_EHLO must take (server, session, envelope, hostname, responses)")
+    return "new"
+
+
+@functools.cache
+def _smtp_verbs(cls: type[SMTP]) -> tuple[tuple[str, str], ...]:
+    """(verb, method name) of every `smtp_*` method of `cls` but AUTH, which we
+    never offer (so it is "not recognized"); found once per class, not per session."""
+    return tuple((name.replace("smtp_", ""), name) for name in dir(cls)
+                 if name.startswith("smtp_") and name != "smtp_AUTH")
+
+
 class RelaySMTP(SMTP):
     """One client connection. aiosmtpd parses commands; the verbs that decide
     anything (MAIL, RCPT, DATA, ETRN) are ours, with our replies."""
 
     def __init__(self, shared: _Shared) -> None:
-        # Set before SMTP.__init__, which inspects this object's attributes.
         self._shared = shared
         self.client_ip = "unknown"
         self.admitted = False
@@ -358,22 +392,53 @@ class RelaySMTP(SMTP):
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
         self._data_seen = 0.0
+        self._init_smtp(shared)
+
+    def _init_smtp(self, shared: _Shared) -> None:
+        """Set every attribute aiosmtpd's SMTP.__init__ sets, as it would for our
+        arguments (no AUTH, no PROXY, no call limits, SMTPUTF8 on, raw bytes).
+
+        The stock __init__ runs inspect.getmembers, dir and inspect.signature
+        on the session and its handler for every connection; the verb and hook
+        tables here are found once (`_smtp_verbs`, `_Shared`) and only bound
+        per session. tests/unit/test_smtpd_fastpath.py compares the result
+        with the stock __init__'s, attribute by attribute.
+        """
+        loop = shared.loop
+        self.__ident__ = IDENT
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = shared.handler
+        self.data_size_limit = shared.max_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
         # aiosmtpd keeps this dict on the class, shared by every session; EHLO
         # grows it. A per-session copy keeps sessions independent.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        super().__init__(
-            RelayHandler(),
-            data_size_limit=shared.max_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=shared.hostname,
-            ident=IDENT,
-            tls_context=shared.tls_context,
-            timeout=shared.command_timeout,
-            auth_exclude_mechanism=("LOGIN", "PLAIN"),
-            loop=shared.loop,
-        )
-        self._smtp_methods.pop("AUTH", None)  # never offered, so "not recognized"
+        self.hostname = shared.hostname
+        self.tls_context = shared.tls_context
+        self.require_starttls = False
+        self._timeout_duration = shared.command_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = dict(shared.handle_hooks)
+        self._ehlo_hook_ver = shared.ehlo_hook_version
+        self._smtp_methods = {verb: getattr(self, name) for verb, name in _smtp_verbs(type(self))}
+        self._enforce_call_limit = False
 
     # -- connection lifetime ------------------------------------------------
 
@@ -615,9 +680,9 @@ class RelaySMTP(SMTP):
             received = await self._read_data()
             if received is None:
                 return  # the client went away
-            lines, problem = received
+            blocks, problem = received
             if problem is None:
-                reply = await self._accept(envelope, lines)
+                reply = await self._accept(envelope, blocks)
             else:
                 await self._refuse(_DATA_PROBLEMS[problem], "DATA", problem,
                                    envelope.mail_from or "", ",".join(envelope.rcpt_tos))
@@ -631,74 +696,52 @@ class RelaySMTP(SMTP):
             self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
 
     async def _read_data(self) -> tuple[list[bytes], str | None] | None:
-        """Read up to `<CRLF>.<CRLF>`: the unstuffed lines (index 0 left free for
-        our Received header), or the reply that will reject them.
+        """Read up to `<CRLF>.<CRLF>`: the unstuffed data in blocks of whole lines
+        (index 0 left free for our Received header), or the reply that will
+        reject them; None if the client went away first.
 
         Only CRLF ends a line, so a bare LF or CR stays inside one for
         `_accept` to find, and `\\n.\\r\\n` never ends the data. After a problem
         the rest is drained, never stored, and answered once the client is done.
+        Reads take all that has arrived (not a line at a time); what follows the
+        final dot goes back to the reader for the command loop.
         """
         reader = self._reader
         clock = self.loop.time
-        limit = self._shared.max_size
-        lines: list[bytes] = [b""]
-        size = 0
-        problem: str | None = None
-        partial = False  # in the middle of a line longer than the reader's limit
+        receiver = DataReceiver(self._shared.max_size)
         self._in_data = True
         self._data_seen = clock()
         self._reset_timeout(self._shared.data_timeout)
         try:
             while True:
-                try:
-                    line = await reader.readuntil(b"\r\n")
-                except asyncio.LimitOverrunError as exc:
-                    await reader.read(exc.consumed)
-                    self._data_seen = clock()
-                    partial = True
-                    if problem is None:
-                        problem, lines = LINE_TOO_LONG, []
-                    continue
-                except asyncio.IncompleteReadError:
+                chunk = await reader.read(_WHOLE_BUFFER)
+                if not chunk:
                     if self.transport is not None:
                         self.transport.close()
                     return None
                 self._data_seen = clock()
-                if partial:
-                    partial = False  # the tail of an over-long line, even if it is ".\r\n"
-                    continue
-                if line == b".\r\n":
+                end = receiver.feed(chunk)
+                if end >= 0:
+                    give_back(reader, chunk[end:])
                     break
-                if line[0] == 0x2E:  # "." : undo dot-stuffing, RFC 5321 4.5.2
-                    line = line[1:]
-                size += len(line)
-                if problem is None:
-                    if len(line) > MAX_LINE:
-                        problem = LINE_TOO_LONG
-                    elif size > limit:
-                        problem = TOO_BIG
-                    else:
-                        lines.append(line)
-                        continue
-                    lines = []
         finally:
             self._in_data = False
             if self.transport is not None:  # else the session is over: no new timer
                 self._reset_timeout()
-        return lines, problem
+        return receiver.blocks, receiver.problem
 
-    async def _accept(self, envelope: RelayEnvelope, lines: list[bytes]) -> str:
+    async def _accept(self, envelope: RelayEnvelope, blocks: list[bytes]) -> str:
         """Check the joined message once, then store it; the reply to the final dot."""
         shared = self._shared
         queue_id = shared.id_factory()
         now = shared.clock.now()
-        lines[0] = self._received_header(envelope, queue_id, now)
-        start = len(lines[0])
-        count = len(lines) - 1  # every line ends in CRLF: any other CR or LF is bare
-        data = b"".join(lines)
-        lines.clear()
+        blocks[0] = self._received_header(envelope, queue_id, now)
+        start = len(blocks[0])
+        data = b"".join(blocks)
+        blocks.clear()
         problem = None
-        if data.count(b"\n", start) != count or data.count(b"\r", start) != count:
+        ends = data.count(b"\r\n", start)  # each line's own CRLF: any other CR or LF is bare
+        if data.count(b"\n", start) != ends or data.count(b"\r", start) != ends:
             problem = BARE_CR_LF
         elif data.find(b"\x00", start) >= 0:
             problem = NUL_BYTE

@@ -19,12 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from relay import db
 from relay.queue import Attempt, NewMessage, Queue, QueueError
 
 log = logging.getLogger("relay.store")
 
 T = TypeVar("T")
 MAX_BATCH = 256
+CHECKPOINT_INTERVAL = 0.2  # seconds between WAL checkpoints while writes go on
 
 _Op = NewMessage | Attempt
 
@@ -44,12 +46,22 @@ class Store:
     contention would put threads to sleep in SQLite's busy handler); reads run
     in a small pool, since WAL readers never wait for the writer."""
 
-    def __init__(self, queue: Queue, readers: int = 2) -> None:
+    def __init__(self, queue: Queue, readers: int = 2, checkpoints: bool = False) -> None:
+        """`checkpoints`: the engine leaves WAL checkpoints to us (see
+        `db.connect`); a thread of ours runs them, off the commit path."""
         self.queue = queue
         self._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="relay-db")
         self._jobs: threadqueue.SimpleQueue[_Job | None] = threadqueue.SimpleQueue()
+        self._wrote = threading.Event()
+        self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="relay-writer", daemon=True)
         self._writer.start()
+        self._checkpointer: threading.Thread | None = None
+        if checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="relay-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
         self._closed = False
 
     async def put(self, message: NewMessage) -> None:
@@ -85,7 +97,26 @@ class Store:
         self._closed = True
         self._jobs.put(None)
         self._writer.join()
+        self._stopping.set()
+        self._wrote.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         self._executor.shutdown(wait=True)
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpoint after writes, at most every CHECKPOINT_INTERVAL: the WAL
+        stays small, and no client waits for the copy."""
+        while True:
+            self._wrote.wait()
+            if self._stopping.is_set():
+                return
+            self._wrote.clear()
+            try:
+                db.checkpoint(self.queue.engine)
+            except Exception as exc:  # the next round tries again
+                log.warning("WAL checkpoint failed: %s", exc)
+            if self._stopping.wait(CHECKPOINT_INTERVAL):
+                return
 
     def _write_loop(self) -> None:
         pending: _Job | None = None
@@ -96,6 +127,7 @@ class Store:
                 return
             if job.call is not None:
                 _run(job)
+                self._wrote.set()
                 continue
             batch = [job]
             while len(batch) < MAX_BATCH:
@@ -111,6 +143,7 @@ class Store:
                     break
                 batch.append(nxt)
             self._commit(batch)
+            self._wrote.set()
 
     def _commit(self, batch: list[_Job]) -> None:
         try:

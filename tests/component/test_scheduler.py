@@ -23,7 +23,7 @@ from relay.clock import FakeClock
 from relay.metrics import Metrics
 from relay.model import DeliveryReport, Hop, OutboundMessage, Reply
 from relay.outcomes import Rules
-from relay.queue import NewMessage, Queue
+from relay.queue import Claimed, NewMessage, Queue
 from relay.resolver import NoRoute, Route
 from relay.scheduler import Limits, Scheduler
 from relay.store import Store
@@ -48,10 +48,12 @@ class ScriptedTransport:
     def __init__(self, script: Callable[[OutboundMessage], DeliveryReport]) -> None:
         self.script = script
         self.calls: list[str] = []
+        self.arrivals: asyncio.Queue[str] = asyncio.Queue()  # the calls, to wait for
         self.gate: asyncio.Event | None = None  # when set: deliveries wait for it
 
     async def deliver(self, message: OutboundMessage, hops: Sequence[Hop]) -> DeliveryReport:
         self.calls.append(message.queue_id)
+        self.arrivals.put_nowait(message.queue_id)
         if self.gate is not None:
             await self.gate.wait()
         return self.script(message)
@@ -79,7 +81,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def make_scheduler(store: Store, clock: FakeClock, transport: ScriptedTransport,
                    concurrency: int = 10, per_destination: int = 5,
-                   delay_warning: float = 0) -> Scheduler:
+                   delay_warning: float = 0, poll_interval: float = 0.5) -> Scheduler:
     ids = count(1)
     return Scheduler(
         store=store,
@@ -92,8 +94,9 @@ def make_scheduler(store: Store, clock: FakeClock, transport: ScriptedTransport,
             new_id=lambda: f"DSN{next(ids):04d}",
             rng=random.Random(1),
         ),
+        # housekeeping on every pass: time is the FakeClock
         limits=Limits(concurrency=concurrency, per_destination=per_destination,
-                      expiry_interval=0),  # housekeeping on every pass: time is the FakeClock
+                      expiry_interval=0, poll_interval=poll_interval),
         clock=clock,
         owner="mail.verrotech.net",
         next_hops={},
@@ -184,9 +187,11 @@ async def test_busy_destination_does_not_starve_another(store: Store, clock: Fak
 
     for _ in range(3):
         await scheduler._pass()
-        await asyncio.sleep(0)  # let started workers reach the transport
+        await asyncio.sleep(0)  # let started workers take their first message
+    for _ in range(2):
+        await asyncio.wait_for(transport.arrivals.get(), 10)
     # one session each: the busy destination has not taken both slots
-    assert transport.calls[:2] == [busy[0], other[0]]
+    assert sorted(transport.calls) == [busy[0], other[0]]
     transport.gate.set()
     while store.queue.stats().total:
         await scheduler.run_once()
@@ -250,3 +255,53 @@ async def test_parked_mail_gets_one_delay_warning(store: Store, clock: FakeClock
     clock.advance(7200)
     await scheduler.run_once()
     assert len([v for v in store.queue.list() if v.sender == ""]) == 3  # warned once only
+
+
+async def test_workers_running_low_ask_for_more_before_they_run_dry(
+    store: Store, clock: FakeClock
+) -> None:
+    """No poll tick needed between claims: once a destination's waiting list
+    drops below two sessions' worth, the next claim is made while its workers
+    are still busy (a list that runs dry ends the workers, their SMTP
+    sessions and their grown window)."""
+    queue_mail(store, clock, 30)
+    loop = asyncio.get_running_loop()
+    permits = asyncio.Semaphore(0)
+    claims: list[int] = []
+    second_claim = asyncio.Event()
+    claim_due = store.queue.claim_due
+
+    def counting_claim_due(*args: object, **kwargs: object) -> list[Claimed]:
+        found = claim_due(*args, **kwargs)  # type: ignore[arg-type]
+        claims.append(len(found))
+        if len(claims) == 2:
+            loop.call_soon_threadsafe(second_claim.set)
+        return found
+
+    store.queue.claim_due = counting_claim_due  # type: ignore[method-assign]
+
+    class SteppedTransport(ScriptedTransport):
+        async def deliver(self, message: OutboundMessage, hops: Sequence[Hop]) -> DeliveryReport:
+            self.arrivals.put_nowait(message.queue_id)
+            await permits.acquire()
+            return accepted(message)
+
+    transport = SteppedTransport(accepted)
+    arrivals = transport.arrivals
+    scheduler = make_scheduler(store, clock, transport, concurrency=4,
+                               per_destination=2, poll_interval=3600)  # no tick comes
+    running = asyncio.create_task(scheduler.run())
+    try:
+        for _ in range(2):  # the first claim: 8 (twice the concurrency); 2 sessions start
+            await asyncio.wait_for(arrivals.get(), 10)
+        assert claims == [8]
+        for _ in range(3):  # one at a time: 6 waiting, 5, 4, then 3: below 2 x 2
+            permits.release()
+            await asyncio.wait_for(arrivals.get(), 10)
+        await asyncio.wait_for(second_claim.wait(), 10)
+        assert claims == [8, 5]  # topped up to 8 while both sessions were busy
+    finally:
+        for _ in range(100):
+            permits.release()
+        await scheduler.stop(grace=5)
+        await running

@@ -1,0 +1,124 @@
+"""What is fsync'd at commit: accepted mail always, delivery records not.
+
+The level in force is read back by the database itself at each commit
+(SQLite's `PRAGMA synchronous`, PostgreSQL's `synchronous_commit`), on both
+backends; and SQLite's WAL is checkpointed by us, never inside a commit.
+"""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from relay import db
+from relay.model import RecipientStatus
+from relay.queue import Attempt, NewMessage, Queue, RecipientUpdate, Selector
+from relay.store import Store
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def new(qid: str) -> NewMessage:
+    return NewMessage(id=qid, sender="s@sender.example", recipients=("a@verrotech.com",),
+                      data=b"Subject: x\r\n\r\nbody\r\n", received_at=T0)
+
+
+@pytest.fixture
+def levels(queue: Queue) -> Iterator[list[str]]:
+    """The durability level of every commit, as the database reports it."""
+    seen: list[str] = []
+    sqlite = queue.engine.dialect.name == "sqlite"
+    if not sqlite:  # the test server runs with synchronous_commit=off: not here
+        with queue.engine.connect() as conn:
+            name = conn.exec_driver_sql("SELECT current_database()").scalar()
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit TO on')
+            conn.commit()
+        queue.engine.dispose()
+
+    @event.listens_for(queue.engine, "commit")
+    def _on_commit(conn: Any) -> None:
+        cursor = conn.connection.dbapi_connection.cursor()
+        if sqlite:
+            cursor.execute("PRAGMA synchronous")
+            seen.append({1: "normal", 2: "full"}[cursor.fetchone()[0]])
+        else:
+            cursor.execute("SHOW synchronous_commit")
+            seen.append({"off": "normal", "on": "full"}[cursor.fetchone()[0]])
+        cursor.close()
+
+    yield seen
+    event.remove(queue.engine, "commit", _on_commit)
+
+
+def delivered(queue: Queue, qid: str) -> Attempt:
+    [claimed] = [c for c in queue.claim_due("n", T0, limit=10, lease=60) if c.id == qid]
+    return Attempt(message_id=qid, owner="n", at=T0, next_attempt_at=None, recipients=tuple(
+        RecipientUpdate(r.id, r.address, RecipientStatus.DELIVERED, "250 ok", "delivered")
+        for r in claimed.recipients))
+
+
+def test_accepted_mail_is_durable_and_delivery_records_are_not(
+    queue: Queue, levels: list[str]
+) -> None:
+    assert queue.apply([new("01")]) == [True]
+    assert levels == ["full"]
+    done = delivered(queue, "01")  # the claim: a lease, recovered if lost
+    assert levels == ["full", "normal"]
+    assert queue.apply([done]) == [True]
+    assert levels == ["full", "normal", "normal"]
+    assert queue.show("01") is None
+
+
+def test_a_batch_holding_new_mail_is_durable_whatever_else_it_holds(
+    queue: Queue, levels: list[str]
+) -> None:
+    queue.apply([new("01")])
+    done = delivered(queue, "01")
+    del levels[:]
+    assert queue.apply([done, new("02"), new("03")]) == [True, True, True]
+    assert levels == ["full"]
+    assert queue.apply([new("04")]) == [True]  # after a non-durable commit on this connection
+    assert levels == ["full", "full"]
+
+
+def test_operator_verbs_stay_durable(queue: Queue, levels: list[str]) -> None:
+    queue.apply([new("01")])
+    queue.apply([delivered(queue, "01")])
+    queue.apply([new("02")])
+    del levels[:]
+    assert queue.delete(Selector(ids=("02",))) == 1
+    assert levels == ["full"]
+
+
+def test_wal_is_checkpointed_by_us_not_by_commits(tmp_path: Path) -> None:
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
+    db.upgrade(engine)
+    queue = Queue(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    big = b"x" * 20_000
+    for n in range(300):  # about 2,000 WAL pages: SQLite's default would checkpoint twice
+        queue.apply([NewMessage(id=f"{n:04d}", sender="", recipients=("a@verrotech.com",),
+                                data=big, received_at=T0)])
+    wal = tmp_path / "queue.db-wal"
+    assert wal.stat().st_size > 1000 * 4096  # nothing copied back yet
+    assert db.checkpoint(engine) == 0  # all of it copied, nothing left behind
+    queue.apply([new("next")])  # the next writer starts the WAL over
+    assert db.checkpoint(engine) == 0
+    assert queue.raw("0299") == big
+    engine.dispose()
+
+
+def test_store_checkpoints_in_its_own_thread_and_stops_cleanly(tmp_path: Path) -> None:
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
+    db.upgrade(engine)
+    store = Store(Queue(engine), checkpoints=True)
+    assert store._checkpointer is not None and store._checkpointer.is_alive()
+    store.queue.apply([new("01")])
+    store.close()
+    assert not store._checkpointer.is_alive()
+    assert db.checkpoint(engine) == 0
+    engine.dispose()
