@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -94,10 +95,20 @@ class Scheduler:
         self._last_expiry = 0.0
         self._last_prune = 0.0
         self._probed_at: datetime | None = None
+        self._down: set[str] = set()  # destinations our last attempt found down
 
     def wake(self) -> None:
         """New mail or a flush: look for due work now instead of at the next tick."""
         self._wake.set()
+
+    def mail_queued(self, destinations: Iterable[str]) -> None:
+        """New mail was queued: wake up for it unless every destination is one
+        we found down (its mail is parked until the probe: there is nothing to
+        claim). A backup MX mostly takes mail for a dead primary, so this
+        spares a claim transaction per accepted message; should the guess be
+        stale, the next poll tick finds the mail anyway."""
+        if not self._down.issuperset(destinations):
+            self.wake()
 
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flush: everything waiting for `domain` is due now."""
@@ -339,7 +350,9 @@ class Scheduler:
         if decision.destination_down:
             log.info("destination %s is down: %s", message.destination,
                      decision.attempt.last_error)
+            self._down.add(message.destination)
             return "down"
+        self._down.discard(message.destination)
         if window.timed(duration):
             log.info("destination %s slowed down (%.1f s for one message); window now %d",
                      message.destination, duration, window.sessions)

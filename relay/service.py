@@ -21,7 +21,7 @@ from relay.config import Config
 from relay.httpd import HealthCheck, start_http
 from relay.metrics import Metrics
 from relay.outcomes import rules_from_config
-from relay.queue import NewMessage, Queue, new_queue_id
+from relay.queue import NewMessage, Queue, domain_of, new_queue_id
 from relay.resolver import DnsResolver, Identity
 from relay.scheduler import Limits, Scheduler
 from relay.store import Store
@@ -88,7 +88,7 @@ async def serve(
 
     async def submit(message: NewMessage) -> None:
         await store.put(message)
-        scheduler.wake()
+        scheduler.mail_queued({domain_of(r) for r in message.recipients})
 
     listeners = await smtpd.start_listeners(
         config,

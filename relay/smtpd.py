@@ -67,7 +67,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail
 
@@ -492,8 +492,9 @@ class RelaySMTP(SMTP):
     def _say_goodbye(self, reply: str) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(reply.encode("ascii") + b"\r\n")
+            # uvloop's transports write like asyncio.WriteTransport without
+            # inheriting from it: no isinstance check here.
+            cast(asyncio.WriteTransport, transport).write(reply.encode("ascii") + b"\r\n")
             transport.close()
 
     def shutdown(self) -> None:

@@ -305,3 +305,18 @@ async def test_workers_running_low_ask_for_more_before_they_run_dry(
             permits.release()
         await scheduler.stop(grace=5)
         await running
+
+
+async def test_new_mail_for_a_destination_found_down_wakes_nobody(
+    store: Store, clock: FakeClock
+) -> None:
+    queue_mail(store, clock, 1)
+    scheduler = make_scheduler(store, clock, ScriptedTransport(refused))
+    scheduler.mail_queued({"verrotech.com"})
+    assert scheduler._wake.is_set()  # nothing known yet: look
+    await scheduler.run_once()  # finds it down
+    scheduler._wake.clear()
+    scheduler.mail_queued({"verrotech.com"})
+    assert not scheduler._wake.is_set()  # parked mail: nothing to claim
+    scheduler.mail_queued({"verrotech.com", "other.example"})
+    assert scheduler._wake.is_set()

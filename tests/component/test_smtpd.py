@@ -964,6 +964,27 @@ async def test_close_lets_a_message_in_flight_finish(start: StartRelay) -> None:
         await client.close()
 
 
+def test_idle_sessions_hear_421_on_close_under_uvloop(tmp_path: Path) -> None:
+    """`relay serve` runs on uvloop, whose transports are no asyncio.WriteTransport."""
+    import uvloop
+
+    async def scenario() -> bytes:
+        async def submit(message: NewMessage) -> None:
+            raise QueueError("not in this test")
+
+        listeners = await smtpd.start_listeners(make_config(tmp_path), submit, id_factory=Ids(),
+                                                clock=FakeClock(T0))
+        reader, writer = await asyncio.open_connection(*listeners.addresses[0])
+        await reader.readline()  # the greeting
+        listeners.close()
+        rest = await reader.read()
+        writer.close()
+        await listeners.wait_closed()
+        return rest
+
+    assert uvloop.run(scenario()) == f"421 4.3.2 {HOST} Service shutting down\r\n".encode()
+
+
 # -- fuzzing RCPT over the wire: never a 250 for anything but a hosted domain ---------------
 
 _SAFE_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~.-]+")
