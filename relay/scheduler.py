@@ -36,6 +36,7 @@ from relay.transport import Transport
 log = logging.getLogger("relay.scheduler")
 
 PUSH_BACK_DELAY = 1.0  # seconds before a throttled message is offered again
+PREFETCH_MAX_SIZE = 64 * 1024  # bodies up to this size are read with their claim
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,9 @@ class Scheduler:
         self._last_prune = 0.0
         self._probed_at: datetime | None = None
         self._down: set[str] = set()  # destinations our last attempt found down
+        # Bodies of claimed small messages, read in one go per claim (instead
+        # of one read per delivery), by queue ID; taken when delivered.
+        self._prefetched: dict[str, bytes] = {}
 
     def wake(self) -> None:
         """New mail or a flush: look for due work now instead of at the next tick."""
@@ -150,6 +154,7 @@ class Scheduler:
         for ready in self._ready.values():
             ready.clear()  # in place: workers hold these deques
         self._ready.clear()
+        self._prefetched.clear()
         if waiting:
             await self._store.call(self._queue.unclaim, waiting, self._owner, self._clock.now())
         tasks = list(self._tasks)
@@ -188,9 +193,28 @@ class Scheduler:
             claimed = await self._store.call(
                 self._queue.claim_due, self._owner, now, room, self._limits.lease, saturated
             )
+            await self._prefetch(claimed)
             for message in claimed:
                 self._ready.setdefault(message.destination, deque()).append(message)
         self._start_workers()
+
+    async def _prefetch(self, claimed: list[Claimed]) -> None:
+        """Read the small bodies of a claim at once: at most `buffer` of them
+        wait at a time, so this holds at most buffer x PREFETCH_MAX_SIZE."""
+        small = [m for m in claimed if m.size <= PREFETCH_MAX_SIZE]
+        if not small:
+            return
+        found = await self._store.read(self._queue.bodies, [m.body_id for m in small])
+        for message in small:
+            data = found.get(message.body_id)
+            if data is not None:
+                self._prefetched[message.id] = data
+
+    async def _body(self, message: Claimed) -> bytes:
+        data = self._prefetched.pop(message.id, None)
+        if data is None:
+            data = await self._store.read(self._queue.body, message.body_id)
+        return data
 
     async def _housekeeping(self, now: datetime) -> None:
         mono = time.monotonic()
@@ -275,6 +299,8 @@ class Scheduler:
         # and must not go on delivering what is given back here.
         rest = [m.id for m in ready]
         ready.clear()
+        for qid in rest:
+            self._prefetched.pop(qid, None)
         await self._store.call(self._queue.unclaim, rest, self._owner, self._clock.now())
 
     # ------------------------------------------------------------ one message
@@ -313,7 +339,7 @@ class Scheduler:
         now = self._clock.now()
         window = self._window(message.destination)
         try:
-            original = await self._store.read(self._queue.body, message.body_id)
+            original = await self._body(message)
             if self._rules.backoff.expired(message.received_at, now):
                 report: DeliveryReport | NoRoute | None = None
             else:

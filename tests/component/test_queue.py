@@ -231,3 +231,13 @@ def test_group_commit_isolates_a_failing_operation(queue: Queue) -> None:
     assert isinstance(results[1], QueueError)
     assert {v.id for v in queue.list()} == {"02", "DUP"}  # 02 untouched, still leased
     assert count(queue, delivery_log) == 1
+
+
+def test_group_commit_refuses_only_a_duplicate_put(queue: Queue) -> None:
+    queue.put_many([new("01")])
+    results = queue.apply([new("02"), replace(new("01"), data=b"other\r\n"), new("03")])
+    assert results[0] is True and results[2] is True
+    assert isinstance(results[1], QueueError) and "UNIQUE" in str(results[1]).upper()
+    assert [v.id for v in queue.list()] == ["01", "02", "03"]
+    assert queue.raw("01") == new("01").data  # the stored one is untouched
+    assert queue.stats().by_state == {"deferred": 3}

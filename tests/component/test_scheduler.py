@@ -25,7 +25,7 @@ from relay.model import DeliveryReport, Hop, OutboundMessage, Reply
 from relay.outcomes import Rules
 from relay.queue import Claimed, NewMessage, Queue
 from relay.resolver import NoRoute, Route
-from relay.scheduler import Limits, Scheduler
+from relay.scheduler import PREFETCH_MAX_SIZE, Limits, Scheduler
 from relay.store import Store
 
 REFUSED = Reply(451, "4.4.1 connect to mail.verrotech.com[127.0.0.2]:25: Connection refused")
@@ -320,3 +320,28 @@ async def test_new_mail_for_a_destination_found_down_wakes_nobody(
     assert not scheduler._wake.is_set()  # parked mail: nothing to claim
     scheduler.mail_queued({"verrotech.com", "other.example"})
     assert scheduler._wake.is_set()
+
+
+async def test_small_bodies_are_read_with_their_claim(store: Store, clock: FakeClock) -> None:
+    small = queue_mail(store, clock, 10)
+    big = b"Subject: big\r\n\r\n" + b"x" * (PREFETCH_MAX_SIZE + 1) + b"\r\n"
+    store.queue.put_many([NewMessage(id="BIG", sender="s@sender.example",
+                                     recipients=("alice@verrotech.com",), data=big,
+                                     received_at=clock.now())])
+    clock.advance(0.001)
+    reads: list[str] = []
+    one, many = store.queue.body, store.queue.bodies
+    store.queue.body = lambda body_id: reads.append("one") or one(body_id)  # type: ignore[method-assign]
+    store.queue.bodies = lambda ids: reads.append("many") or many(ids)  # type: ignore[method-assign]
+    delivered: dict[str, bytes] = {}
+
+    def keep(message: OutboundMessage) -> DeliveryReport:
+        delivered[message.queue_id] = message.data
+        return accepted(message)
+
+    scheduler = make_scheduler(store, clock, ScriptedTransport(keep))
+    await scheduler.run_once()
+    assert sorted(delivered) == sorted([*small, "BIG"])
+    assert reads == ["many", "one"]  # ten small ones in one read; the big one alone
+    assert delivered["BIG"] == big
+    assert delivered[small[3]] == b"Subject: x\r\n\r\nbody\r\n"
