@@ -10,16 +10,15 @@ stores them. Methods are synchronous and meant to run in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Row,
     Table,
     and_,
     delete,
@@ -251,6 +250,12 @@ def _raw(conn: Connection, sql: str, params: Sequence[Any], many: bool = False) 
         cursor.close()
 
 
+class _Removed(NamedTuple):
+    id: str
+    destination: str
+    body_id: str
+
+
 _MESSAGE_COLUMNS = (
     "id", "body_id", "destination", "sender", "size", "received_at", "client_address",
     "client_helo", "smtputf8", "eightbit", "is_dsn", "state", "next_attempt_at", "attempts",
@@ -292,13 +297,12 @@ class Queue:
             return
         entries = [(m, *entry) for m in batch for entry in m.split_by_destination()]
         names = sorted({dest for _, _, dest, _ in entries})
-        marker = self._marker
         down = {
             row[0]
             for row in _raw(
                 conn,
                 f"SELECT name FROM destinations WHERE NOT up AND name IN "
-                f"({', '.join([marker] * len(names))})",
+                f"({self._markers(len(names))})",
                 names,
             )
         }
@@ -473,48 +477,57 @@ class Queue:
         New messages are inserted together, and attempts that finish their
         message (every recipient delivered or bounced: the common case while
         draining) are applied together: a few statements for the whole batch.
-        Everything else, and a bulk step that failed, runs one operation per
-        savepoint, so one that fails is rolled back alone and reported in its
-        slot; the others commit. A failing commit raises QueueError: then none
-        of them is stored.
+        Should any statement fail, the batch is rolled back and applied again
+        one operation per savepoint, so the one that fails is rolled back alone
+        and reported in its slot; the others commit. A failing commit raises
+        QueueError: then none of them is stored.
         """
         # Accepted mail is fsync'd before its 250; delivery records alone need
         # not be (see db.connect): lost in a power failure, they only mean a
         # message is sent again, as with Postfix's unlink of a delivered file.
         durable = any(isinstance(op, NewMessage) for op in ops)
-        if len(ops) == 1:  # nothing to isolate it from: no savepoint
-            try:
-                with self._transaction(durable) as conn:
-                    return [self._apply_one(conn, ops[0])]
-            except SQLAlchemyError as exc:
-                return [QueueError(_one_line(exc))]
-        results: list[bool | QueueError | None] = [None] * len(ops)
         try:
             with self._transaction(durable) as conn:
-                new = [op for op in ops if isinstance(op, NewMessage)]
-                if len(new) > 1 and _in_savepoint(conn, lambda: self._insert(conn, new)):
-                    for n, op in enumerate(ops):
-                        if isinstance(op, NewMessage):
-                            results[n] = True
-                ending = [op for op in ops if isinstance(op, Attempt) and _ends_message(op)]
-                done: set[str] = set()
-                if len(ending) > 1 and _in_savepoint(
-                    conn, lambda: done.update(self._finish(conn, ending))
-                ):
-                    for n, op in enumerate(ops):
-                        if isinstance(op, Attempt) and _ends_message(op):
-                            results[n] = op.message_id in done
-                for n, op in enumerate(ops):
-                    if results[n] is not None:
-                        continue
+                return self._apply_together(conn, ops)
+        except SQLAlchemyError as exc:
+            if len(ops) == 1:
+                return [QueueError(_one_line(exc))]
+        return self._apply_isolated(ops, durable)
+
+    def _apply_together(
+        self, conn: Connection, ops: Sequence[NewMessage | Attempt]
+    ) -> list[bool | QueueError]:
+        new = [op for op in ops if isinstance(op, NewMessage)]
+        if new:
+            self._insert(conn, new)
+        ending = [op for op in ops if isinstance(op, Attempt) and _ends_message(op)]
+        done = self._finish(conn, ending) if ending else set()
+        results: list[bool | QueueError] = []
+        for op in ops:
+            if isinstance(op, NewMessage):
+                results.append(True)
+            elif _ends_message(op):
+                results.append(op.message_id in done)
+            else:
+                results.append(self._record(conn, op))
+        return results
+
+    def _apply_isolated(
+        self, ops: Sequence[NewMessage | Attempt], durable: bool
+    ) -> list[bool | QueueError]:
+        """The slow path after a failure: one savepoint per operation."""
+        results: list[bool | QueueError] = []
+        try:
+            with self._transaction(durable) as conn:
+                for op in ops:
                     try:
                         with conn.begin_nested():
-                            results[n] = self._apply_one(conn, op)
+                            results.append(self._apply_one(conn, op))
                     except SQLAlchemyError as exc:
-                        results[n] = QueueError(_one_line(exc))
+                        results.append(QueueError(_one_line(exc)))
         except SQLAlchemyError as exc:
             raise QueueError(_one_line(exc)) from exc
-        return [r if r is not None else QueueError("not applied") for r in results]
+        return results
 
     def _apply_one(self, conn: Connection, op: NewMessage | Attempt) -> bool:
         if isinstance(op, NewMessage):
@@ -879,26 +892,33 @@ class Queue:
             self._remove(conn, ids)
             return len(ids)
 
-    def _remove(self, conn: Connection, ids: Sequence[str]) -> Sequence[Row[Any]]:
+    def _remove(self, conn: Connection, ids: Sequence[str]) -> list[_Removed]:
         """Delete these messages (their recipients go by ON DELETE CASCADE) and
         bodies no other entry shares; rows (id, destination, body_id) of those
         that were there."""
         if not ids:
             return []
-        rows = conn.execute(
-            delete(messages)
-            .where(messages.c.id.in_(ids))
-            .returning(messages.c.id, messages.c.destination, messages.c.body_id)
-        ).all()
-        body_ids = {row.body_id for row in rows}
+        rows = [
+            _Removed(*row)
+            for row in _raw(
+                conn,
+                f"DELETE FROM messages WHERE id IN ({self._markers(len(ids))})"
+                " RETURNING id, destination, body_id",
+                list(ids),
+            )
+        ]
+        body_ids = sorted({row.body_id for row in rows})
         if body_ids:
-            conn.execute(
-                delete(bodies).where(
-                    bodies.c.id.in_(body_ids),
-                    ~exists().where(messages.c.body_id == bodies.c.id),
-                )
+            _raw(
+                conn,
+                f"DELETE FROM bodies WHERE id IN ({self._markers(len(body_ids))})"
+                " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.body_id = bodies.id)",
+                body_ids,
             )
         return rows
+
+    def _markers(self, n: int) -> str:
+        return ", ".join([self._marker] * n)
 
     def existing(self, ids: Iterable[str]) -> set[str]:
         wanted = list(ids)
@@ -1093,17 +1113,6 @@ ON CONFLICT (destination, state, shard) DO UPDATE SET n = c.n + excluded.n"""
 def _ends_message(attempt: Attempt) -> bool:
     """After this attempt no recipient is pending: the message leaves the queue."""
     return bool(attempt.recipients) and all(u.status.final for u in attempt.recipients)
-
-
-def _in_savepoint(conn: Connection, step: Callable[[], object]) -> bool:
-    """Run a bulk step in a savepoint; False (rolled back) if any statement failed,
-    and the one-by-one path then finds which operation is at fault."""
-    try:
-        with conn.begin_nested():
-            step()
-    except SQLAlchemyError:
-        return False
-    return True
 
 
 def _one_line(exc: BaseException) -> str:

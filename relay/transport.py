@@ -174,10 +174,9 @@ def _stuffed(data: bytes) -> bytes:
     Nothing else changes: line endings are left as stored. A message that does
     not end with CRLF gets one, since the terminator needs it.
     """
+    payload = data
     if data.startswith(b".") or b"\n." in data:  # rare: the scan below is the costly part
         payload = _LEADING_DOT.sub(b"..", data)
-    else:
-        payload = data
     if payload and not payload.endswith(b"\r\n"):
         payload += b"\r\n"
     return payload + b".\r\n"
