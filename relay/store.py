@@ -1,80 +1,60 @@
-"""The event loop's door to the queue: database work in threads, puts group-committed.
+"""The event loop's door to the queue: writes to the one writer, reads to threads.
 
-Owns the threads that run `Queue` methods so that no SQL blocks the event
-loop, and group commit: concurrent SMTP sessions' messages and finished
-delivery attempts go into one transaction (one fsync), and each session
-still hears 250 only after the transaction holding its own message committed. Refuses SQL of its
-own: every statement is in `queue.py`.
+Owns the bridge between asyncio and the database threads: every write goes
+to the writer thread (`writer.py`: group commit, so each SMTP session still
+hears 250 only after the transaction holding its own message committed);
+reads run in a small thread pool, since WAL readers never wait for the
+writer. Refuses SQL of its own: every statement is in `queue.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue as threadqueue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from relay import db
+from relay import writer
 from relay.queue import Attempt, NewMessage, Queue, QueueError
+from relay.writer import Answer, Checkpointer, Request
 
 log = logging.getLogger("relay.store")
 
 T = TypeVar("T")
-MAX_BATCH = 256
-CHECKPOINT_INTERVAL = 0.2  # seconds between WAL checkpoints while writes go on
-
-_Op = NewMessage | Attempt
-
-
-@dataclass(slots=True)
-class _Job:
-    """One request to the writer thread: a batched op, or any Queue call."""
-
-    op: _Op | None
-    call: Callable[[], Any] | None
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
 
 
 class Store:
-    """Writes run in ONE thread (SQLite has one writer; in-process lock
-    contention would put threads to sleep in SQLite's busy handler); reads run
-    in a small pool, since WAL readers never wait for the writer."""
+    """Writes go to ONE writer (SQLite has one writer; several would put each
+    other to sleep in SQLite's busy handler); reads run in a small pool."""
 
     def __init__(self, queue: Queue, readers: int = 2, checkpoints: bool = False) -> None:
-        """`checkpoints`: the engine leaves WAL checkpoints to us (see
-        `db.connect`); a thread of ours runs them, off the commit path."""
+        """`checkpoints`: the engine leaves WAL checkpoints to us (see `db.connect`)."""
         self.queue = queue
         self._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="relay-db")
-        self._jobs: threadqueue.SimpleQueue[_Job | None] = threadqueue.SimpleQueue()
-        self._wrote = threading.Event()
-        self._stopping = threading.Event()
-        self._writer = threading.Thread(target=self._write_loop, name="relay-writer", daemon=True)
-        self._writer.start()
-        self._checkpointer: threading.Thread | None = None
-        if checkpoints:
-            self._checkpointer = threading.Thread(
-                target=self._checkpoint_loop, name="relay-checkpoint", daemon=True
-            )
-            self._checkpointer.start()
+        self._keys = itertools.count()
+        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.AbstractEventLoop]] = {}
+        self._writer = _WriterThread(queue, checkpoints, self._settle)
         self._closed = False
 
     async def put(self, message: NewMessage) -> None:
         """Return once `message` is durably committed; raise QueueError if it is not."""
-        await self._submit(message, None)
+        await self._submit(op=message)
 
     async def record(self, attempt: Attempt) -> bool:
         """Record a delivery attempt, group-committed with other writes."""
-        return bool(await self._submit(attempt, None))
+        return bool(await self._submit(op=attempt))
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a Queue method that writes, in the writer thread, in order."""
-        result: T = await self._submit(None, lambda: fn(*args, **kwargs))
+        """Run a Queue method that writes, in the writer, in order."""
+        name = getattr(fn, "__name__", "")
+        if getattr(self.queue, name, None) != fn:  # it goes by name to the writer
+            raise TypeError(f"{fn!r} is not a method of this store's queue")
+        result: T = await self._submit(method=name, args=args, kwargs=kwargs)
         return result
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -82,103 +62,98 @@ class Store:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def _submit(self, op: _Op | None, call: Callable[[], Any] | None) -> Any:
+    async def _submit(self, op: NewMessage | Attempt | None = None, method: str = "",
+                      args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         if self._closed:
             raise QueueError("queue is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put(_Job(op, call, future, loop))
+        key = next(self._keys)
+        self._waiting[key] = (future, loop)
+        self._writer.send(Request(key, op, method, args, kwargs or {}))
         return await future
 
     def close(self) -> None:
-        """Finish pending writes, then stop the threads."""
+        """Finish pending writes, then stop the writer and the readers."""
         if self._closed:
             return
         self._closed = True
-        self._jobs.put(None)
-        self._writer.join()
-        self._stopping.set()
-        self._wrote.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join()
+        self._writer.close()
         self._executor.shutdown(wait=True)
+        for key in list(self._waiting):  # nothing should be left; if so, say so
+            self._settle([Answer(key, error=QueueError("the queue writer stopped"))])
 
-    def _checkpoint_loop(self) -> None:
-        """Checkpoint after writes, at most every CHECKPOINT_INTERVAL: the WAL
-        stays small, and no client waits for the copy."""
-        while True:
-            self._wrote.wait()
-            if self._stopping.is_set():
-                return
-            self._wrote.clear()
-            try:
-                db.checkpoint(self.queue.engine)
-            except Exception as exc:  # the next round tries again
-                log.warning("WAL checkpoint failed: %s", exc)
-            if self._stopping.wait(CHECKPOINT_INTERVAL):
-                return
+    @property
+    def checkpointing(self) -> bool:
+        """Whether WAL checkpoints are running (for tests and health)."""
+        return self._writer.checkpointing
 
-    def _write_loop(self) -> None:
-        pending: _Job | None = None
-        while True:
-            job = pending if pending is not None else self._jobs.get()
-            pending = None
-            if job is None:
-                return
-            if job.call is not None:
-                _run(job)
-                self._wrote.set()
-                continue
-            batch = [job]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._jobs.get_nowait()
-                except threadqueue.Empty:
-                    break
-                if nxt is None or nxt.call is not None:
-                    pending = nxt
-                    if nxt is None:
-                        self._commit(batch)
-                        return
-                    break
-                batch.append(nxt)
-            self._commit(batch)
-            self._wrote.set()
-
-    def _commit(self, batch: list[_Job]) -> None:
+    def _settle(self, answers: list[Answer]) -> None:
+        """Called from the writer's side: wake the callers in their loops."""
         try:
-            results: list[bool | QueueError] = self.queue.apply(
-                [job.op for job in batch if job.op is not None]
-            )
-        except Exception as exc:
-            log.warning("group commit of %d writes failed: %s", len(batch), exc)
-            failure = exc if isinstance(exc, QueueError) else QueueError(str(exc))
-            results = [failure] * len(batch)
-        for job, result in zip(batch, results, strict=True):
-            if isinstance(result, QueueError):
-                _settle(job, error=result)
-            else:
-                _settle(job, value=result)
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for answer in answers:
+            waiting = self._waiting.pop(answer.key, None)
+            if waiting is None:
+                continue
+            future, loop = waiting
+
+            def settle(future: asyncio.Future[Any] = future, answer: Answer = answer) -> None:
+                if future.done():
+                    return
+                if answer.error is not None:
+                    future.set_exception(answer.error)
+                else:
+                    future.set_result(answer.value)
+
+            if loop is current:
+                settle()
+                continue
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it
+                loop.call_soon_threadsafe(settle)
 
 
-def _run(job: _Job) -> None:
-    assert job.call is not None
-    try:
-        value = job.call()
-    except BaseException as exc:
-        _settle(job, error=exc)
-    else:
-        _settle(job, value=value)
+class _QueueInbox:
+    """The in-process writer's requests, from a thread-safe queue."""
+
+    def __init__(self) -> None:
+        self.jobs: threadqueue.SimpleQueue[Request | None] = threadqueue.SimpleQueue()
+
+    def get(self) -> Request | None:
+        return self.jobs.get()
+
+    def get_nowait(self) -> Request | bool | None:
+        try:
+            return self.jobs.get_nowait()
+        except threadqueue.Empty:
+            return False
 
 
-def _settle(job: _Job, value: Any = None, error: BaseException | None = None) -> None:
-    def settle() -> None:
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(value)
+class _WriterThread:
+    """The writer's thread, fed through a thread-safe queue."""
 
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer
-        job.loop.call_soon_threadsafe(settle)
+    def __init__(self, queue: Queue, checkpoints: bool,
+                 settle: Callable[[list[Answer]], None]) -> None:
+        self._inbox = _QueueInbox()
+        self._checkpointer = Checkpointer(queue) if checkpoints else None
+        wrote = self._checkpointer.wrote if self._checkpointer else lambda: None
+        self._thread = threading.Thread(
+            target=writer.write_loop, args=(queue, self._inbox, settle, wrote),
+            name="relay-writer", daemon=True,
+        )
+        self._thread.start()
+
+    def send(self, request: Request) -> None:
+        self._inbox.jobs.put(request)
+
+    def close(self) -> None:
+        self._inbox.jobs.put(writer.STOP)
+        self._thread.join()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._checkpointer is not None and self._checkpointer.running

@@ -116,9 +116,9 @@ def test_store_checkpoints_in_its_own_thread_and_stops_cleanly(tmp_path: Path) -
     engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
     db.upgrade(engine)
     store = Store(Queue(engine), checkpoints=True)
-    assert store._checkpointer is not None and store._checkpointer.is_alive()
+    assert store.checkpointing
     store.queue.apply([new("01")])
     store.close()
-    assert not store._checkpointer.is_alive()
+    assert not store.checkpointing
     assert db.checkpoint(engine) == 0
     engine.dispose()

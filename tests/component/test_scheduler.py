@@ -269,16 +269,16 @@ async def test_workers_running_low_ask_for_more_before_they_run_dry(
     permits = asyncio.Semaphore(0)
     claims: list[int] = []
     second_claim = asyncio.Event()
-    claim_due = store.queue.claim_due
+    original = store.queue.claim_due
 
-    def counting_claim_due(*args: object, **kwargs: object) -> list[Claimed]:
-        found = claim_due(*args, **kwargs)  # type: ignore[arg-type]
+    def claim_due(*args: object, **kwargs: object) -> list[Claimed]:  # counts the claims
+        found = original(*args, **kwargs)  # type: ignore[arg-type]
         claims.append(len(found))
         if len(claims) == 2:
             loop.call_soon_threadsafe(second_claim.set)
         return found
 
-    store.queue.claim_due = counting_claim_due  # type: ignore[method-assign]
+    store.queue.claim_due = claim_due  # type: ignore[method-assign]
 
     class SteppedTransport(ScriptedTransport):
         async def deliver(self, message: OutboundMessage, hops: Sequence[Hop]) -> DeliveryReport:

@@ -1,0 +1,151 @@
+"""The one writer of the queue: group commit, other writes in order, WAL checkpoints.
+
+Owns the loop that takes write requests in arrival order, applies runs of
+consecutive puts and recorded attempts as one group commit (`Queue.apply`:
+one transaction, one fsync), runs any other Queue method alone, and answers
+each request; and the thread that checkpoints SQLite's WAL. Every SQLite
+statement gives the GIL up and must get it back from a busy event loop, so
+the fewer statements per commit the better (see `queue.py`). Refuses asyncio
+and SQL of its own: `store.py` speaks to the event loop, `queue.py` to the
+database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relay import db
+from relay.queue import Attempt, NewMessage, Queue, QueueError
+
+log = logging.getLogger("relay.writer")
+
+MAX_BATCH = 256
+CHECKPOINT_INTERVAL = 0.2  # seconds between WAL checkpoints while writes go on
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A write for the writer: an op to group-commit, or a Queue method call."""
+
+    key: int  # the caller's handle for the answer
+    op: NewMessage | Attempt | None = None
+    method: str = ""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    key: int
+    value: Any = None
+    error: BaseException | None = None
+
+
+STOP = None  # sent instead of a Request: finish what came before, then stop
+
+
+class Inbox(Protocol):
+    def get(self) -> Request | None:
+        """The next request (blocking); STOP to end."""
+
+    def get_nowait(self) -> Request | bool | None:
+        """The next request, STOP, or False when none is waiting."""
+
+
+def write_loop(
+    queue: Queue, inbox: Inbox, answer: Callable[[list[Answer]], None],
+    wrote: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve requests until STOP; `wrote` is told after every transaction."""
+    pending: Request | None = None
+    while True:
+        request = pending if pending is not None else inbox.get()
+        pending = None
+        if request is STOP:
+            return
+        if request.op is None:
+            answer([_call(queue, request)])
+            wrote()
+            continue
+        batch = [request]
+        stop = False
+        while len(batch) < MAX_BATCH:
+            nxt = inbox.get_nowait()
+            if nxt is False:
+                break
+            if nxt is STOP:
+                stop = True
+                break
+            assert isinstance(nxt, Request)
+            if nxt.op is None:
+                pending = nxt
+                break
+            batch.append(nxt)
+        answer(_commit(queue, batch))
+        wrote()
+        if stop:
+            return
+
+
+def _commit(queue: Queue, batch: list[Request]) -> list[Answer]:
+    ops = [request.op for request in batch if request.op is not None]
+    try:
+        results: list[bool | QueueError] = queue.apply(ops)
+    except Exception as exc:
+        log.warning("group commit of %d writes failed: %s", len(batch), exc)
+        failure = exc if isinstance(exc, QueueError) else QueueError(str(exc))
+        results = [failure] * len(batch)
+    return [
+        Answer(request.key, error=result) if isinstance(result, QueueError)
+        else Answer(request.key, value=result)
+        for request, result in zip(batch, results, strict=True)
+    ]
+
+
+def _call(queue: Queue, request: Request) -> Answer:
+    try:
+        value = getattr(queue, request.method)(*request.args, **request.kwargs)
+    except Exception as exc:
+        return Answer(request.key, error=exc)
+    return Answer(request.key, value=value)
+
+
+class Checkpointer:
+    """Checkpoints SQLite's WAL after writes, at most every CHECKPOINT_INTERVAL,
+    in a thread of its own: the WAL stays small and no commit waits for the copy."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._engine = queue.engine
+        self._wrote = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="relay-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wrote(self) -> None:
+        self._wrote.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wrote.set()
+        self._thread.join()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            self._wrote.wait()
+            if self._stopping.is_set():
+                return
+            self._wrote.clear()
+            try:
+                db.checkpoint(self._engine)
+            except Exception as exc:  # the next round tries again
+                log.warning("WAL checkpoint failed: %s", exc)
+            if self._stopping.wait(CHECKPOINT_INTERVAL):
+                return

@@ -1,0 +1,80 @@
+"""The writer loop: runs of writes become one group commit, calls run alone, in order."""
+
+from __future__ import annotations
+
+import queue as threadqueue
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.queue import NewMessage, QueueError
+from relay.writer import STOP, Answer, Request, write_loop
+
+
+def put(key: int) -> Request:
+    return Request(key, op=NewMessage(id=f"M{key}", sender="", recipients=("a@b.example",),
+                                      data=b"x\r\n", received_at=datetime(2026, 1, 1, tzinfo=UTC)))
+
+
+class Inbox:
+    def __init__(self, *requests: Request | None) -> None:
+        self.waiting: threadqueue.SimpleQueue[Request | None] = threadqueue.SimpleQueue()
+        for request in requests:
+            self.waiting.put(request)
+
+    def get(self) -> Request | None:
+        return self.waiting.get()
+
+    def get_nowait(self) -> Request | bool | None:
+        try:
+            return self.waiting.get_nowait()
+        except threadqueue.Empty:
+            return False
+
+
+class RecordingQueue:
+    """Stands in for Queue: records what the writer asked, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[Any] = []
+
+    def apply(self, ops: list[NewMessage]) -> list[bool | QueueError]:
+        self.log.append(("apply", [op.id for op in ops]))
+        return [QueueError("duplicate") if op.id == "M4" else True for op in ops]
+
+    def flush(self, domain: str) -> int:
+        self.log.append(("flush", domain))
+        return 7
+
+    def broken(self) -> None:
+        raise QueueError("database gone")
+
+
+def run(*requests: Request | None) -> tuple[RecordingQueue, list[Answer], int]:
+    queue = RecordingQueue()
+    answers: list[Answer] = []
+    transactions = 0
+
+    def wrote() -> None:
+        nonlocal transactions
+        transactions += 1
+
+    write_loop(queue, Inbox(*requests), answers.extend, wrote)  # type: ignore[arg-type]
+    return queue, answers, transactions
+
+
+def test_runs_of_writes_commit_together_and_calls_keep_their_place() -> None:
+    queue, answers, transactions = run(
+        put(1), put(2), Request(3, method="flush", args=("b.example",)), put(4), put(5), STOP)
+    assert queue.log == [("apply", ["M1", "M2"]), ("flush", "b.example"),
+                         ("apply", ["M4", "M5"])]
+    assert transactions == 3
+    by_key = {a.key: a for a in answers}
+    assert by_key[1].value is True and by_key[3].value == 7
+    assert isinstance(by_key[4].error, QueueError) and by_key[5].value is True
+
+
+def test_writes_before_stop_are_committed_and_errors_of_calls_are_answers() -> None:
+    queue, answers, _ = run(Request(1, method="broken"), put(2), STOP, put(3))
+    assert queue.log == [("apply", ["M2"])]  # nothing after STOP
+    assert isinstance(answers[0].error, QueueError) and answers[1].value is True
+    assert [a.key for a in answers] == [1, 2]
