@@ -392,6 +392,7 @@ class RelaySMTP(SMTP):
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
         self._data_seen = 0.0
+        self._continued: list[bytes] = []  # lines of a multi-line reply not sent yet
         self._init_smtp(shared)
 
     def _init_smtp(self, shared: _Shared) -> None:
@@ -503,10 +504,20 @@ class RelaySMTP(SMTP):
             self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
 
     async def push(self, status: str | bytes) -> None:
+        """Send one reply line; the lines of a multi-line reply ("250-...") wait
+        for its last one and go out together: one write, one segment, where
+        aiosmtpd's EHLO would make one per line."""
         if isinstance(status, str):
             if "\r" in status or "\n" in status:  # echoed client text must not split a reply
                 status = status.replace("\r", "?").replace("\n", "?")
             status = enhance(status).encode("utf-8", "replace")
+        if status[3:4] == b"-":
+            self._continued.append(status)
+            return
+        if self._continued:
+            self._continued.append(status)
+            status = b"\r\n".join(self._continued)
+            self._continued.clear()
         await super().push(status)
 
     async def handle_exception(self, error: Exception) -> str:

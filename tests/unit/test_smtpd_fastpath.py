@@ -199,3 +199,48 @@ async def test_every_read_counts_as_activity_for_the_data_timeout() -> None:
         assert session._data_seen == float(tick)
     session._reader.feed_data(b".\r\n")
     assert message(await task) == b"no line end yet still none\r\n"
+
+
+# -- replies ----------------------------------------------------------------------
+
+
+class RecordingTransport(asyncio.Transport):
+    """What the session writes, one entry per write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+async def test_a_multi_line_reply_goes_out_in_one_write(tmp_path: Path) -> None:
+    session = smtpd.RelaySMTP(shared(tmp_path, None))
+    transport = RecordingTransport()
+    session.connection_made(transport)
+    assert session._reader is not None
+    session._reader.feed_data(b"EHLO client.example\r\nNOOP\r\n")
+    for _ in range(50):  # until the handler has answered both
+        if len(transport.writes) >= 3:
+            break
+        await asyncio.sleep(0)
+    greeting, ehlo, noop = transport.writes[:3]
+    assert greeting.startswith(b"220 ")
+    lines = ehlo.split(b"\r\n")
+    assert lines[0] == b"250-mx.example" and lines[-1] == b""
+    assert all(line.startswith(b"250-") for line in lines[:-2])
+    assert lines[-2].startswith(b"250 ")  # the last line of the reply, in the same write
+    assert noop.startswith(b"250 ")
+    transport.close()
+    session.connection_lost(None)
