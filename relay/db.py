@@ -8,13 +8,14 @@ contents: that is `queue.py`.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 import relay.migrations
 
@@ -76,13 +77,20 @@ def _sqlite_setup(engine: Engine, background_checkpoints: bool) -> None:
     def _on_begin(conn: Any) -> None:
         options = conn.get_execution_options()
         sync = "FULL" if options.get("durable", True) else "NORMAL"
-        info = conn.connection.info
-        if info.get("synchronous") != sync:  # the PRAGMA cannot change inside a transaction
-            conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
-            info["synchronous"] = sync
+        proxied = conn.connection
+        dbapi_connection = proxied.dbapi_connection  # straight to the driver: on every write
+        statements = []
+        if proxied.info.get("synchronous") != sync:  # it cannot change inside a transaction
+            statements.append(f"PRAGMA synchronous={sync}")
         # Writers take the lock at BEGIN, so two writers queue up on
         # busy_timeout instead of failing when a read upgrades to a write.
-        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'IMMEDIATE')}")
+        statements.append(f"BEGIN {options.get('sqlite_begin', 'IMMEDIATE')}")
+        for statement in statements:
+            try:
+                dbapi_connection.execute(statement)
+            except sqlite3.Error as exc:  # as Core would have raised it
+                raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
+        proxied.info["synchronous"] = sync
 
 
 def _postgresql_setup(engine: Engine) -> None:

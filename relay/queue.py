@@ -10,7 +10,7 @@ stores them. Methods are synchronous and meant to run in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -211,12 +211,23 @@ class _RawInsert:
 
     ROWS_PER_STATEMENT = 500  # 16 columns x 500 stays under SQLite's 32,766 parameters
 
-    def __init__(self, table: Table, columns: Sequence[str], engine: Engine) -> None:
+    def __init__(self, table: Table, columns: Sequence[str], engine: Engine,
+                 expressions: Mapping[str, tuple[str, int]] | None = None) -> None:
+        """`expressions`: columns whose value SQL computes, as (template, number
+        of parameters); a row gives that many values for the column, the last
+        of which goes through the column's bind processor."""
         dialect = engine.dialect
         quote = dialect.identifier_preparer.quote
+        marker = _marker(dialect)
         self._head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
-        self._row = f"({', '.join([_marker(dialect)] * len(columns))})"
-        self._processors = [table.c[c].type.bind_processor(dialect) for c in columns]
+        values: list[str] = []
+        self._processors: list[Any] = []
+        for column in columns:
+            template, count = (expressions or {}).get(column, ("{}", 1))
+            values.append(template.format(*[marker] * count))
+            self._processors += [None] * (count - 1)
+            self._processors.append(table.c[column].type.bind_processor(dialect))
+        self._row = f"({', '.join(values)})"
         self._statements: dict[int, str] = {}
 
     def __call__(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
@@ -280,7 +291,10 @@ class Queue:
         self._postgres = engine.dialect.name == "postgresql"
         self._marker = _marker(engine.dialect)
         self._insert_bodies = _RawInsert(bodies, ("id", "data"), engine)
-        self._insert_messages = _RawInsert(messages, _MESSAGE_COLUMNS, engine)
+        self._insert_messages = _RawInsert(messages, _MESSAGE_COLUMNS, engine, {
+            "next_attempt_at": ("CASE WHEN EXISTS (SELECT 1 FROM destinations"
+                                " WHERE name = {} AND NOT up) THEN NULL ELSE {} END", 2),
+        })
         self._insert_recipients = _RawInsert(recipients, _RECIPIENT_COLUMNS, engine)
         self._insert_log = _RawInsert(delivery_log, _LOG_COLUMNS, engine)
 
@@ -305,22 +319,13 @@ class Queue:
         if not batch:
             return
         entries = [(m, *entry) for m in batch for entry in m.split_by_destination()]
-        names = sorted({dest for _, _, dest, _ in entries})
-        down = {
-            row[0]
-            for row in _raw(
-                conn,
-                f"SELECT name FROM destinations WHERE NOT up AND name IN "
-                f"({self._markers(len(names))})",
-                names,
-            )
-        }
         self._insert_bodies(conn, [(m.id, m.data) for m in batch])
         deferred = MessageState.DEFERRED.value
         self._insert_messages(conn, [
             (qid, m.id, dest, m.sender, len(m.data), m.received_at, m.client_address,
              m.client_helo, m.smtputf8, m.eightbit, m.is_dsn, deferred,
-             None if dest in down else m.received_at, 0, "",
+             dest, m.received_at,  # due now, or parked if its destination is down
+             0, "",
              # nobody to warn for a null sender: never in the sweep's way
              m.is_dsn or m.sender == "")
             for m, qid, dest, _ in entries

@@ -122,3 +122,24 @@ def test_store_checkpoints_in_its_own_thread_and_stops_cleanly(tmp_path: Path) -
     assert not store.checkpointing
     assert db.checkpoint(engine) == 0
     engine.dispose()
+
+
+def test_a_refused_begin_is_a_sqlalchemy_error(tmp_path: Path) -> None:
+    """BEGIN goes straight to the driver; its errors still look like Core's."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db")
+    db.upgrade(engine)
+    holder = sqlite3.connect(tmp_path / "queue.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        with engine.connect() as conn:
+            conn.connection.dbapi_connection.execute("PRAGMA busy_timeout=0")
+            with pytest.raises(OperationalError, match="locked"), conn.begin():
+                pass
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()
