@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import queue as threadqueue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 
 from relay import writer
 from relay.queue import Attempt, NewMessage, Queue, QueueError
-from relay.writer import Answer, Checkpointer, Request
+from relay.writer import Answer, Checkpointer, QueueInbox, Request
 
 log = logging.getLogger("relay.store")
 
@@ -115,28 +114,12 @@ class Store:
                 loop.call_soon_threadsafe(settle)
 
 
-class _QueueInbox:
-    """The in-process writer's requests, from a thread-safe queue."""
-
-    def __init__(self) -> None:
-        self.jobs: threadqueue.SimpleQueue[Request | None] = threadqueue.SimpleQueue()
-
-    def get(self) -> Request | None:
-        return self.jobs.get()
-
-    def get_nowait(self) -> Request | bool | None:
-        try:
-            return self.jobs.get_nowait()
-        except threadqueue.Empty:
-            return False
-
-
 class _WriterThread:
     """The writer's thread, fed through a thread-safe queue."""
 
     def __init__(self, queue: Queue, checkpoints: bool,
                  settle: Callable[[list[Answer]], None]) -> None:
-        self._inbox = _QueueInbox()
+        self._inbox = QueueInbox()
         self._checkpointer = Checkpointer(queue) if checkpoints else None
         wrote = self._checkpointer.wrote if self._checkpointer else lambda: None
         self._thread = threading.Thread(

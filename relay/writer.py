@@ -13,6 +13,7 @@ database.
 from __future__ import annotations
 
 import logging
+import queue as threadqueue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,22 @@ class Inbox(Protocol):
 
     def get_nowait(self) -> Request | bool | None:
         """The next request, STOP, or False when none is waiting."""
+
+
+class QueueInbox:
+    """Requests from other threads of this process, through a thread-safe queue."""
+
+    def __init__(self) -> None:
+        self.jobs: threadqueue.SimpleQueue[Request | None] = threadqueue.SimpleQueue()
+
+    def get(self) -> Request | None:
+        return self.jobs.get()
+
+    def get_nowait(self) -> Request | bool | None:
+        try:
+            return self.jobs.get_nowait()
+        except threadqueue.Empty:
+            return False
 
 
 def write_loop(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import queue as threadqueue
 from datetime import UTC, datetime
 from typing import Any
 
 from relay.queue import NewMessage, QueueError
-from relay.writer import STOP, Answer, Request, write_loop
+from relay.writer import STOP, Answer, QueueInbox, Request, write_loop
 
 
 def put(key: int) -> Request:
@@ -15,20 +14,11 @@ def put(key: int) -> Request:
                                       data=b"x\r\n", received_at=datetime(2026, 1, 1, tzinfo=UTC)))
 
 
-class Inbox:
-    def __init__(self, *requests: Request | None) -> None:
-        self.waiting: threadqueue.SimpleQueue[Request | None] = threadqueue.SimpleQueue()
-        for request in requests:
-            self.waiting.put(request)
-
-    def get(self) -> Request | None:
-        return self.waiting.get()
-
-    def get_nowait(self) -> Request | bool | None:
-        try:
-            return self.waiting.get_nowait()
-        except threadqueue.Empty:
-            return False
+def inbox(*requests: Request | None) -> QueueInbox:
+    box = QueueInbox()
+    for request in requests:
+        box.jobs.put(request)
+    return box
 
 
 class RecordingQueue:
@@ -58,7 +48,7 @@ def run(*requests: Request | None) -> tuple[RecordingQueue, list[Answer], int]:
         nonlocal transactions
         transactions += 1
 
-    write_loop(queue, Inbox(*requests), answers.extend, wrote)  # type: ignore[arg-type]
+    write_loop(queue, inbox(*requests), answers.extend, wrote)  # type: ignore[arg-type]
     return queue, answers, transactions
 
 
