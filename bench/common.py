@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 SINK_HOST = "127.0.0.2"
@@ -79,6 +80,18 @@ def relay_cmd(config: Path, *args: str) -> list[str]:
         return [sys.executable, "-m", "cProfile", "-o", profile, "-m", "relay", "-c",
                 str(config), *args]
     return [sys.executable, "-m", "relay", "-c", str(config), *args]
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def queue_total(config: Path) -> int:

@@ -59,7 +59,7 @@ from typing import Any, Protocol, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import postfix  # bench/postfix.py
-from common import body, free_port, relay_cmd
+from common import body, free_port, relay_cmd, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
@@ -275,13 +275,7 @@ class Sink:
                              if self.proc.stderr else "smtp-sink did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
         OUR_SESSIONS.discard(self.proc.pid)
 
 
@@ -365,13 +359,7 @@ next_hop = "[{PRIMARY_HOST}]:{sink_port}"
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         OUR_SESSIONS.discard(self.proc.pid)
         self.proc = None
 

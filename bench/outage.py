@@ -16,7 +16,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from common import (
     queue_total,
     relay_cmd,
     rss_kb,
+    stop_process,
 )
 
 from relay import db
@@ -64,11 +64,7 @@ class Relay:
         return len(re.findall(r": attempt ", self.log.read_text()))
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self.handle.close()
 
 
