@@ -74,6 +74,33 @@ class DiscardSink:
             writer.close()
 
 
+def relay_config(listen: str, url: str, next_hop: str, backoff: tuple[str, str] = ("1h", "1h"),
+                 log_level: str = "warning") -> str:
+    """The relay's config for a benchmark: backup MX of bench.example, sending
+    to `next_hop`, no per-client limits (one load generator makes all the
+    connections), no metrics listener."""
+    return f"""\
+[node]
+hostname = "bench-relay.example"
+[smtp]
+listen = ["{listen}"]
+max_connections_per_ip = 1000
+max_messages_per_ip_per_minute = 0
+[queue]
+url = "{url}"
+[delivery]
+min_backoff = "{backoff[0]}"
+max_backoff = "{backoff[1]}"
+connect_timeout = "2s"
+[metrics]
+listen = ""
+[log]
+level = "{log_level}"
+[domains."bench.example"]
+next_hop = "{next_hop}"
+"""
+
+
 def relay_cmd(config: Path, *args: str) -> list[str]:
     profile = os.environ.get("BENCH_PROFILE")  # a path: cProfile the relay's event loop thread
     if profile and args[:1] == ("serve",):

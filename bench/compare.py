@@ -59,7 +59,7 @@ from typing import Any, Protocol, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import postfix  # bench/postfix.py
-from common import body, free_port, relay_cmd, stop_process
+from common import body, free_port, relay_cmd, relay_config, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
@@ -316,26 +316,8 @@ class Relay:
         self.proc: subprocess.Popen[bytes] | None = None
         self._queue: Any = None  # relay.queue.Queue, opened on first use
         work.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(f"""\
-[node]
-hostname = "bench-relay.example"
-[smtp]
-listen = ["{self.host}:{self.port}"]
-max_connections_per_ip = 1000
-max_messages_per_ip_per_minute = 0
-[queue]
-url = "{self.url}"
-[delivery]
-min_backoff = "1h"
-max_backoff = "1h"
-connect_timeout = "2s"
-[metrics]
-listen = ""
-[log]
-level = "warning"
-[domains."{DOMAIN}"]
-next_hop = "[{PRIMARY_HOST}]:{sink_port}"
-""")
+        self.config.write_text(relay_config(f"{self.host}:{self.port}", self.url,
+                                            f"[{PRIMARY_HOST}]:{sink_port}"))
 
     @property
     def sink_port(self) -> int:

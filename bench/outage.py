@@ -34,6 +34,7 @@ from common import (
     free_port,
     queue_total,
     relay_cmd,
+    relay_config,
     rss_kb,
     stop_process,
 )
@@ -107,22 +108,9 @@ def main() -> None:
     sink_port = free_port(SINK_HOST)
     url = f"sqlite:///{work}/queue.db"
     config = work / "outage.toml"
-    config.write_text(f"""
-[node]
-hostname = "bench-relay.example"
-[smtp]
-listen = ["{HOST}:{free_port(HOST)}"]
-[queue]
-url = "{url}"
-[delivery]
-min_backoff = "10s"
-max_backoff = "20s"
-connect_timeout = "2s"
-[metrics]
-listen = ""
-[domains."bench.example"]
-next_hop = "[{SINK_HOST}]:{sink_port}"
-""")
+    config.write_text(relay_config(f"{HOST}:{free_port(HOST)}", url,
+                                   f"[{SINK_HOST}]:{sink_port}", backoff=("10s", "20s"),
+                                   log_level="info"))
     try:
         subprocess.run(relay_cmd(config, "db", "upgrade"), check=True, capture_output=True)
         relay = Relay(config, work / "idle.log")

@@ -33,6 +33,7 @@ from common import (
     free_port,
     queue_total,
     relay_cmd,
+    relay_config,
     rss_kb,
 )
 
@@ -93,24 +94,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     relay_port, sink_port = free_port(HOST), free_port(SINK_HOST)
     config = work / "bench.toml"
-    config.write_text(f"""
-[node]
-hostname = "bench-relay.example"
-[smtp]
-listen = ["{HOST}:{relay_port}"]
-max_connections_per_ip = 1000
-max_messages_per_ip_per_minute = 0
-[queue]
-url = "sqlite:///{work}/queue.db"
-[delivery]
-min_backoff = "1h"
-max_backoff = "1h"
-connect_timeout = "2s"
-[metrics]
-listen = ""
-[domains."bench.example"]
-next_hop = "[{SINK_HOST}]:{sink_port}"
-""")
+    config.write_text(relay_config(f"{HOST}:{relay_port}", f"sqlite:///{work}/queue.db",
+                                   f"[{SINK_HOST}]:{sink_port}"))
     proc = subprocess.Popen(relay_cmd(config, "serve", "--log-level", "WARNING"),
                             stderr=subprocess.PIPE, text=True)
     try:
