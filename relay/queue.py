@@ -248,6 +248,15 @@ class _RawInsert:
         return sql
 
 
+IDS_PER_STATEMENT = 500  # an operator's "delete --all" may name a million
+
+
+def _chunks(items: Sequence[str]) -> Iterator[list[str]]:
+    """`items` in lists short enough for one statement's parameters."""
+    for start in range(0, len(items), IDS_PER_STATEMENT):
+        yield list(items[start:start + IDS_PER_STATEMENT])
+
+
 def _marker(dialect: Dialect) -> str:
     """The driver's positional parameter marker: SQLite's `?`, psycopg's `%s`."""
     return "?" if dialect.paramstyle == "qmark" else "%s"
@@ -910,24 +919,23 @@ class Queue:
         """Delete these messages (their recipients go by ON DELETE CASCADE) and
         bodies no other entry shares; rows (id, destination, body_id) of those
         that were there."""
-        if not ids:
-            return []
-        rows = [
-            _Removed(*row)
-            for row in _raw(
-                conn,
-                f"DELETE FROM messages WHERE id IN ({self._markers(len(ids))})"
-                " RETURNING id, destination, body_id",
-                list(ids),
-            )
-        ]
-        body_ids = sorted({row.body_id for row in rows})
-        if body_ids:
+        rows: list[_Removed] = []
+        for chunk in _chunks(ids):
+            rows += [
+                _Removed(*row)
+                for row in _raw(
+                    conn,
+                    f"DELETE FROM messages WHERE id IN ({self._markers(len(chunk))})"
+                    " RETURNING id, destination, body_id",
+                    chunk,
+                )
+            ]
+        for chunk in _chunks(sorted({row.body_id for row in rows})):
             _raw(
                 conn,
-                f"DELETE FROM bodies WHERE id IN ({self._markers(len(body_ids))})"
+                f"DELETE FROM bodies WHERE id IN ({self._markers(len(chunk))})"
                 " AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.body_id = bodies.id)",
-                body_ids,
+                chunk,
             )
         return rows
 

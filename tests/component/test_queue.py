@@ -241,3 +241,12 @@ def test_group_commit_refuses_only_a_duplicate_put(queue: Queue) -> None:
     assert [v.id for v in queue.list()] == ["01", "02", "03"]
     assert queue.raw("01") == new("01").data  # the stored one is untouched
     assert queue.stats().by_state == {"deferred": 3}
+
+
+def test_deleting_more_messages_than_one_statement_takes(queue: Queue) -> None:
+    from relay.queue import IDS_PER_STATEMENT
+
+    n = IDS_PER_STATEMENT * 2 + 7
+    queue.put_many([new(f"{i:05d}") for i in range(n)])
+    assert queue.delete(Selector(everything=True)) == n
+    assert queue.list() == [] and count(queue, bodies) == 0
