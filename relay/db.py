@@ -131,6 +131,21 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
     return engine
 
 
+def checkpoints_left_to_caller(engine: Engine) -> bool:
+    """Whether `engine` was connected with `background_checkpoints`: then
+    somebody must call `checkpoint`, or SQLite's WAL grows without end."""
+    if engine.dialect.name != "sqlite":
+        return False
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        (pages,) = cursor.execute("PRAGMA wal_autocheckpoint").fetchone()
+        cursor.close()
+    finally:
+        raw.close()
+    return bool(pages == 0)
+
+
 def checkpoint(engine: Engine) -> int:
     """Copy committed WAL frames into SQLite's database file without blocking
     the writer or readers (PASSIVE); the frames still in the WAL afterwards.

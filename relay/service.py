@@ -57,7 +57,7 @@ async def serve(
     engine = db.connect(config.queue.url, background_checkpoints=True)
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
-    store = Store(Queue(engine), checkpoints=True)
+    store = Store(Queue(engine))
     metrics = Metrics(store.queue, clock)
     rules = rules_from_config(config)
     transport = SmtpTransport(

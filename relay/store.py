@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from relay import writer
+from relay import db, writer
 from relay.queue import Attempt, NewMessage, Queue, QueueError
 from relay.writer import Answer, Checkpointer, QueueInbox, Request
 
@@ -31,8 +31,10 @@ class Store:
     """Writes go to ONE writer (SQLite has one writer; several would put each
     other to sleep in SQLite's busy handler); reads run in a small pool."""
 
-    def __init__(self, queue: Queue, readers: int = 2, checkpoints: bool = False) -> None:
-        """`checkpoints`: the engine leaves WAL checkpoints to us (see `db.connect`)."""
+    def __init__(self, queue: Queue, readers: int = 2) -> None:
+        """WAL checkpoints run here when the engine leaves them to its caller
+        (`db.connect(background_checkpoints=True)`)."""
+        checkpoints = db.checkpoints_left_to_caller(queue.engine)
         self.queue = queue
         self._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="relay-db")
         self._keys = itertools.count()

@@ -115,7 +115,7 @@ def test_wal_is_checkpointed_by_us_not_by_commits(tmp_path: Path) -> None:
 def test_store_checkpoints_in_its_own_thread_and_stops_cleanly(tmp_path: Path) -> None:
     engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
     db.upgrade(engine)
-    store = Store(Queue(engine), checkpoints=True)
+    store = Store(Queue(engine))
     assert store.checkpointing
     store.queue.apply([new("01")])
     store.close()
@@ -143,3 +143,14 @@ def test_a_refused_begin_is_a_sqlalchemy_error(tmp_path: Path) -> None:
         holder.rollback()
         holder.close()
         engine.dispose()
+
+
+def test_a_store_leaves_checkpoints_to_sqlite_unless_the_engine_left_them_to_it(
+    tmp_path: Path,
+) -> None:
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db")
+    db.upgrade(engine)
+    store = Store(Queue(engine))
+    assert not store.checkpointing
+    store.close()
+    engine.dispose()
