@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # Alembic is imported where it is used: `relay queue ...` starts without it.
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
 class DatabaseError(Exception):
     """A database problem worth one clear line to an operator."""
 
@@ -68,6 +71,9 @@ def _sqlite_setup(engine: Engine, background_checkpoints: bool) -> None:
         # deleted content only where that costs no extra I/O (as with a
         # Postfix queue file, the rest is gone when the page is reused).
         cursor.execute("PRAGMA secure_delete=FAST")
+        # After a burst (or one huge message) the WAL is cut back to this size
+        # when it starts over, instead of keeping its largest size for good.
+        cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         if background_checkpoints:
             cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()

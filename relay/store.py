@@ -123,7 +123,9 @@ class _WriterThread:
                  settle: Callable[[list[Answer]], None]) -> None:
         self._inbox = QueueInbox()
         self._checkpointer = Checkpointer(queue) if checkpoints else None
-        wrote = self._checkpointer.wrote if self._checkpointer else lambda: None
+        wrote = self._checkpointer.after_write if self._checkpointer else lambda: None
+        if self._checkpointer is not None:
+            self._checkpointer.start()
         self._thread = threading.Thread(
             target=writer.write_loop, args=(queue, self._inbox, settle, wrote),
             name="relay-writer", daemon=True,

@@ -133,22 +133,45 @@ def _call(queue: Queue, request: Request) -> Answer:
 
 class Checkpointer:
     """Checkpoints SQLite's WAL after writes, at most every CHECKPOINT_INTERVAL,
-    in a thread of its own: the WAL stays small and no commit waits for the copy."""
+    in a thread of its own: no commit waits for the copy.
+
+    SQLite starts its WAL over from the beginning only at a write transaction
+    that finds every frame copied; under steady writes, new frames always
+    arrive while a checkpoint runs in the background, so the WAL would grow
+    for as long as mail keeps coming, and every commit would extend the file
+    (an fsync that must also journal the new size). So once the background
+    copy is done, the writer copies the few frames committed meanwhile itself,
+    between two transactions (`after_write`): its next one starts the WAL over.
+    """
 
     def __init__(self, queue: Queue) -> None:
         self._engine = queue.engine
         self._wrote = threading.Event()
         self._stopping = threading.Event()
+        self._tail_due = False  # set by the checkpointer thread, cleared by the writer
         self._thread = threading.Thread(target=self._loop, name="relay-checkpoint", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
-    def wrote(self) -> None:
+    def after_write(self) -> None:
+        """The writer's part, after each transaction and its answers: copy
+        the frames committed while the background copy ran."""
+        if self._tail_due:
+            self._tail_due = False
+            self._checkpoint()
         self._wrote.set()
+
+    def background_round(self) -> None:
+        """The thread's part: copy what is committed, without blocking writes."""
+        self._checkpoint()
+        self._tail_due = True
 
     def stop(self) -> None:
         self._stopping.set()
         self._wrote.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     @property
     def running(self) -> bool:
@@ -160,9 +183,12 @@ class Checkpointer:
             if self._stopping.is_set():
                 return
             self._wrote.clear()
-            try:
-                db.checkpoint(self._engine)
-            except Exception as exc:  # the next round tries again
-                log.warning("WAL checkpoint failed: %s", exc)
+            self.background_round()
             if self._stopping.wait(CHECKPOINT_INTERVAL):
                 return
+
+    def _checkpoint(self) -> None:
+        try:
+            db.checkpoint(self._engine)
+        except Exception as exc:  # the next round tries again
+            log.warning("WAL checkpoint failed: %s", exc)

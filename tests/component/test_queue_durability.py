@@ -5,6 +5,7 @@ The level in force is read back by the database itself at each commit
 backends; and SQLite's WAL is checkpointed by us, never inside a commit.
 """
 
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from relay import db
 from relay.model import RecipientStatus
 from relay.queue import Attempt, NewMessage, Queue, RecipientUpdate, Selector
 from relay.store import Store
+from relay.writer import Checkpointer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -112,6 +114,65 @@ def test_wal_is_checkpointed_by_us_not_by_commits(tmp_path: Path) -> None:
     engine.dispose()
 
 
+@pytest.mark.parametrize("writer_copies_the_rest", [True, False])
+def test_under_steady_writes_the_wal_still_starts_over(
+    tmp_path: Path, writer_copies_the_rest: bool
+) -> None:
+    """A background checkpoint cannot copy what is committed while it runs, and
+    SQLite starts the WAL over only at a write that finds every frame copied:
+    unless the writer copies the rest between two transactions, the WAL grows
+    for as long as mail keeps coming (and each commit extends the file)."""
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
+    db.upgrade(engine)
+    queue = Queue(engine)
+    checkpointer = Checkpointer(queue)  # not started: this test plays both threads
+    big = b"x" * 20_000
+
+    def put(n: int) -> None:
+        queue.apply([NewMessage(id=f"{n:04d}", sender="", recipients=("a@verrotech.com",),
+                                data=big, received_at=T0)])
+
+    for n in range(45):
+        put(n)
+    # A read transaction pins the WAL at message 44, so the background copy
+    # stops there, as if 45-49 were committed while it ran.
+    reader = sqlite3.connect(tmp_path / "queue.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchone()
+    for n in range(45, 50):
+        put(n)
+    checkpointer.background_round()
+    reader.execute("COMMIT")
+    if writer_copies_the_rest:
+        checkpointer.after_write()
+    put(50)
+    _busy, frames, _copied = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    reader.close()
+    if writer_copies_the_rest:
+        assert frames < 40  # the last message alone: the WAL started over
+    else:
+        assert frames > 300  # all 51 messages: it did not
+    assert queue.raw("0050") == big
+    engine.dispose()
+
+
+def test_the_wal_shrinks_back_after_a_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "WAL_SIZE_LIMIT", 200_000)
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
+    db.upgrade(engine)
+    queue = Queue(engine)
+    queue.apply([NewMessage(id="big", sender="", recipients=("a@verrotech.com",),
+                            data=b"x" * 2_000_000, received_at=T0)])
+    wal = tmp_path / "queue.db-wal"
+    assert wal.stat().st_size > 2_000_000
+    db.checkpoint(engine)
+    queue.apply([new("next")])  # starts the WAL over, and cuts the file back
+    assert wal.stat().st_size <= 200_000
+    engine.dispose()
+
+
 def test_store_checkpoints_in_its_own_thread_and_stops_cleanly(tmp_path: Path) -> None:
     engine = db.connect(f"sqlite:///{tmp_path}/queue.db", background_checkpoints=True)
     db.upgrade(engine)
@@ -126,7 +187,6 @@ def test_store_checkpoints_in_its_own_thread_and_stops_cleanly(tmp_path: Path) -
 
 def test_a_refused_begin_is_a_sqlalchemy_error(tmp_path: Path) -> None:
     """BEGIN goes straight to the driver; its errors still look like Core's."""
-    import sqlite3
 
     from sqlalchemy.exc import OperationalError
 
