@@ -10,6 +10,7 @@ call `queue.py`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from relay.config import Config, ConfigError
 from relay.queue import QueueError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
 
 
 def fail(message: str) -> NoReturn:
@@ -63,6 +66,15 @@ def main_group(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj = {"config_path": config_path}
 
 
+def _settle_garbage_collector() -> None:
+    """What startup built (config, schema, modules) lives as long as the process:
+    out of the collector's sight. Every SMTP session allocates a few hundred
+    containers that reference counting frees; a collection every 700 of them
+    (the default) cost 3 % of the event loop's time while accepting."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
 @main_group.command()
 @config_option
 @click.option(
@@ -84,6 +96,7 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
         runner: Callable[..., Any] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
+    _settle_garbage_collector()
     try:
         runner(service.serve(cfg))
     except (db.DatabaseError, QueueError) as exc:

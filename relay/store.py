@@ -90,30 +90,34 @@ class Store:
         return self._writer.checkpointing
 
     def _settle(self, answers: list[Answer]) -> None:
-        """Called from the writer's side: wake the callers in their loops."""
+        """Called from the writer's side: wake the callers in their loops, with
+        one call per loop for the whole batch (one wake-up, not one per answer)."""
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             current = None
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Answer]]] = {}
         for answer in answers:
             waiting = self._waiting.pop(answer.key, None)
-            if waiting is None:
-                continue
-            future, loop = waiting
-
-            def settle(future: asyncio.Future[Any] = future, answer: Answer = answer) -> None:
-                if future.done():
-                    return
-                if answer.error is not None:
-                    future.set_exception(answer.error)
-                else:
-                    future.set_result(answer.value)
-
+            if waiting is not None:
+                future, loop = waiting
+                by_loop.setdefault(loop, []).append((future, answer))
+        for loop, settled in by_loop.items():
             if loop is current:
-                settle()
+                _settle_futures(settled)
                 continue
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it
-                loop.call_soon_threadsafe(settle)
+                loop.call_soon_threadsafe(_settle_futures, settled)
+
+
+def _settle_futures(settled: list[tuple[asyncio.Future[Any], Answer]]) -> None:
+    for future, answer in settled:
+        if future.done():
+            continue
+        if answer.error is not None:
+            future.set_exception(answer.error)
+        else:
+            future.set_result(answer.value)
 
 
 class _WriterThread:
