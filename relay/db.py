@@ -142,13 +142,7 @@ def checkpoints_left_to_caller(engine: Engine) -> bool:
     somebody must call `checkpoint`, or SQLite's WAL grows without end."""
     if engine.dialect.name != "sqlite":
         return False
-    raw = engine.raw_connection()
-    try:
-        cursor = raw.cursor()
-        (pages,) = cursor.execute("PRAGMA wal_autocheckpoint").fetchone()
-        cursor.close()
-    finally:
-        raw.close()
+    (pages,) = _pragma(engine, "wal_autocheckpoint")
     return bool(pages == 0)
 
 
@@ -158,14 +152,21 @@ def checkpoint(engine: Engine) -> int:
     A no-op returning 0 on other databases."""
     if engine.dialect.name != "sqlite":
         return 0
+    _busy, frames, copied = _pragma(engine, "wal_checkpoint(PASSIVE)")
+    return max(frames - copied, 0)
+
+
+def _pragma(engine: Engine, pragma: str) -> tuple[Any, ...]:
+    """The row a SQLite PRAGMA returns, outside any transaction (our BEGIN
+    event would otherwise open one, and a checkpoint cannot run inside it)."""
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
-        _busy, frames, copied = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        row: tuple[Any, ...] = cursor.execute(f"PRAGMA {pragma}").fetchone()
         cursor.close()
     finally:
         raw.close()
-    return max(frames - copied, 0)
+    return row
 
 
 def _alembic_config() -> AlembicConfig:
