@@ -10,8 +10,9 @@ stores them. Methods are synchronous and meant to run in worker threads.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -294,6 +295,19 @@ _RECIPIENT_COLUMNS = ("message_id", "address", "status", "attempts", "last_reply
 _LOG_COLUMNS = ("message_id", "recipient", "at", "outcome", "reply", "remote_host")
 
 
+class _HeldConnection(threading.local):
+    """The connection a thread keeps between transactions (`Queue.holding_connection`)."""
+
+    active = False
+    conn: Connection | None = None
+
+    def drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with suppress(SQLAlchemyError):  # a broken connection: the pool discards it
+                conn.close()
+
+
 class Queue:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -307,12 +321,42 @@ class Queue:
         self._insert_recipients = _RawInsert(recipients, _RECIPIENT_COLUMNS, engine)
         self._insert_log = _RawInsert(delivery_log, _LOG_COLUMNS, engine)
 
+        self._held = _HeldConnection()
+
+    @contextmanager
+    def holding_connection(self) -> Iterator[None]:
+        """Within the block, this thread's write transactions share one
+        connection instead of taking one from the pool each time: the writer
+        thread's, where a checkout and check-in cost a third of a put's own
+        work (and a ping per transaction on PostgreSQL)."""
+        held = self._held
+        held.active = True
+        try:
+            yield
+        finally:
+            held.active = False
+            held.drop()
+
     @contextmanager
     def _transaction(self, durable: bool = True) -> Iterator[Connection]:
         """A write transaction; `durable=False`: its commit need not reach the disk
         before we go on (see db.connect)."""
-        with self.engine.connect().execution_options(durable=durable) as conn, conn.begin():
-            yield conn
+        held = self._held
+        if not held.active:
+            with self.engine.connect().execution_options(durable=durable) as conn, conn.begin():
+                yield conn
+            return
+        if held.conn is None:
+            held.conn = self.engine.connect()
+        conn = held.conn.execution_options(durable=durable)  # set in place
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException:
+            # After a failure (a full disk, a server gone) the next
+            # transaction starts on a fresh connection.
+            held.drop()
+            raise
 
     # -- accept side -------------------------------------------------------
 

@@ -78,6 +78,14 @@ def write_loop(
     wrote: Callable[[], None] = lambda: None,
 ) -> None:
     """Serve requests until STOP; `wrote` is told after every transaction."""
+    with queue.holding_connection():
+        _serve(queue, inbox, answer, wrote)
+
+
+def _serve(
+    queue: Queue, inbox: Inbox, answer: Callable[[list[Answer]], None],
+    wrote: Callable[[], None],
+) -> None:
     pending: Request | None = None
     while True:
         request = pending if pending is not None else inbox.get()

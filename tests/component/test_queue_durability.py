@@ -86,6 +86,15 @@ def test_a_batch_holding_new_mail_is_durable_whatever_else_it_holds(
     assert levels == ["full", "full"]
 
 
+def test_levels_hold_on_the_writer_s_one_connection(queue: Queue, levels: list[str]) -> None:
+    with queue.holding_connection():
+        queue.apply([new("01")])
+        done = delivered(queue, "01")
+        assert queue.apply([done]) == [True]
+        assert queue.apply([new("02")]) == [True]
+    assert levels == ["full", "normal", "normal", "full"]
+
+
 def test_operator_verbs_stay_durable(queue: Queue, levels: list[str]) -> None:
     queue.apply([new("01")])
     queue.apply([delivered(queue, "01")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +28,12 @@ class RecordingQueue:
 
     def __init__(self) -> None:
         self.log: list[Any] = []
+
+    @contextmanager
+    def holding_connection(self) -> Iterator[None]:
+        self.log.append("hold")
+        yield
+        self.log.append("let go")
 
     def apply(self, ops: list[NewMessage]) -> list[bool | QueueError]:
         self.log.append(("apply", [op.id for op in ops]))
@@ -55,8 +63,8 @@ def run(*requests: Request | None) -> tuple[RecordingQueue, list[Answer], int]:
 def test_runs_of_writes_commit_together_and_calls_keep_their_place() -> None:
     queue, answers, transactions = run(
         put(1), put(2), Request(3, method="flush", args=("b.example",)), put(4), put(5), STOP)
-    assert queue.log == [("apply", ["M1", "M2"]), ("flush", "b.example"),
-                         ("apply", ["M4", "M5"])]
+    assert queue.log == ["hold", ("apply", ["M1", "M2"]), ("flush", "b.example"),
+                         ("apply", ["M4", "M5"]), "let go"]
     assert transactions == 3
     by_key = {a.key: a for a in answers}
     assert by_key[1].value is True and by_key[3].value == 7
@@ -65,6 +73,6 @@ def test_runs_of_writes_commit_together_and_calls_keep_their_place() -> None:
 
 def test_writes_before_stop_are_committed_and_errors_of_calls_are_answers() -> None:
     queue, answers, _ = run(Request(1, method="broken"), put(2), STOP, put(3))
-    assert queue.log == [("apply", ["M2"])]  # nothing after STOP
+    assert queue.log == ["hold", ("apply", ["M2"]), "let go"]  # nothing after STOP
     assert isinstance(answers[0].error, QueueError) and answers[1].value is True
     assert [a.key for a in answers] == [1, 2]
