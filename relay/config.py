@@ -164,6 +164,7 @@ class SmtpConfig(_Section):
     max_messages_per_ip_per_minute: int = Field(600, ge=0)
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
+    shutdown_grace: Duration = 10.0  # on SIGTERM, for messages still arriving
     tls_cert: str = ""
     tls_key: str = ""
     etrn_clients: tuple[str, ...] = ()

@@ -115,6 +115,10 @@ async def serve(
     finally:
         log.info("stopping: no new connections; finishing deliveries")
         listeners.close()
+        if not await listeners.wait_sessions(config.smtp.shutdown_grace):
+            log.warning("stopping: messages still arriving after %g s are dropped; "
+                        "their clients will send them again", config.smtp.shutdown_grace)
+            listeners.stop_receiving()
         await listeners.wait_closed()
         await scheduler.stop(SHUTDOWN_GRACE)
         scheduler_task.cancel()

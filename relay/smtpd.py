@@ -33,7 +33,10 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
   dropped (a slow but steady client is not).
 * shutdown (`Listeners.close()`): `421 4.3.2 <hostname> Service shutting down`
   to idle sessions at once, and to sessions receiving or storing a message
-  right after that message's reply.
+  right after that message's reply. Once `smtp.shutdown_grace` has passed
+  (`Listeners.stop_receiving()`), a session still receiving hears the 421
+  mid-DATA and is closed: its message was never acknowledged, so its client
+  sends it again later; one storing a message still hears its reply.
 * connection limits, in the greeting: `421 4.7.0 <hostname> Error: too many
   connections from <ip>` (for the per-IP and the total limit alike)
 * a non-ASCII address without `SMTPUTF8` in MAIL: `553 5.6.7 Error: non-ASCII
@@ -503,6 +506,12 @@ class RelaySMTP(SMTP):
         if not self._busy:
             self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
 
+    def stop_receiving(self) -> None:
+        """Listeners.stop_receiving(): drop the message still arriving, if any
+        (nothing of it is kept); a message being stored is not touched."""
+        if self._in_data:
+            self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
+
     async def push(self, status: str | bytes) -> None:
         """Send one reply line; the lines of a multi-line reply ("250-...") wait
         for its last one and go out together: one write, one segment, where
@@ -899,6 +908,14 @@ class Listeners:
         self._shared.closing = True
         for proto in list(self._shared.protocols):
             proto.shutdown()
+
+    def stop_receiving(self) -> None:
+        """After close() and a grace period: end the sessions still receiving a
+        message, so a client sending slowly (or a byte at a time, which no idle
+        timeout catches) cannot hold the shutdown; their messages were never
+        acknowledged. Those storing one finish and hear their reply."""
+        for proto in list(self._shared.protocols):
+            proto.stop_receiving()
 
     def abort(self) -> None:
         """Close every connection now, mid-DATA or not (nothing half-received is kept)."""

@@ -964,6 +964,38 @@ async def test_close_lets_a_message_in_flight_finish(start: StartRelay) -> None:
         await client.close()
 
 
+async def test_after_the_grace_a_message_still_arriving_is_dropped(start: StartRelay) -> None:
+    """stop_receiving(): the session inside DATA hears 421 and nothing of its
+    message is kept; the one whose message is being stored still hears 250."""
+    storing_started, may_finish = asyncio.Event(), asyncio.Event()
+    stored: list[str] = []
+
+    async def slow(message: NewMessage) -> None:
+        storing_started.set()
+        await may_finish.wait()
+        stored.append(message.id)
+
+    relay = await start(submit=slow)
+    storing, arriving = await relay.client(), await relay.client()
+    for client in (storing, arriving):
+        await client.cmd("MAIL FROM:<a@b.example>")
+        await client.cmd("RCPT TO:<a@verrotech.org>")
+        assert (await client.cmd("DATA")).code == 354
+    await arriving.send(b"Subject: slow\r\n\r\nthe first half")
+    await storing.send(BODY + b".\r\n")
+    await storing_started.wait()
+    relay.listeners.close()
+    relay.listeners.stop_receiving()
+    assert await arriving.at_eof() == f"421 4.3.2 {HOST} Service shutting down\r\n".encode()
+    may_finish.set()
+    assert (await storing.reply()).code == 250
+    assert await storing.at_eof() == f"421 4.3.2 {HOST} Service shutting down\r\n".encode()
+    await relay.listeners.wait_closed()
+    assert stored == ["01TEST0001"]
+    for client in (storing, arriving):
+        await client.close()
+
+
 def test_idle_sessions_hear_421_on_close_under_uvloop(tmp_path: Path) -> None:
     """`relay serve` runs on uvloop, whose transports are no asyncio.WriteTransport."""
     import uvloop

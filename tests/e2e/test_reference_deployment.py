@@ -127,6 +127,31 @@ def test_sigterm_exits_zero_and_keeps_the_queue(deployment: Deployment) -> None:
     assert [m["id"] for m in relay.queue_list()] == [qid]
 
 
+def test_sigterm_is_not_held_by_a_client_stuck_in_data(deployment: Deployment) -> None:
+    """A client that stops sending inside DATA would hold the shutdown until
+    data_timeout (10 minutes): after shutdown_grace it hears 421 instead, and
+    nothing of its message is kept."""
+    deployment.write_config(smtp={"shutdown_grace": "1s"})
+    relay = deployment.relay().start()
+    qid = deployment.send("s@sender.example", ["alice@verrotech.com"], message(1))
+    stuck = socket.create_connection((RELAY, deployment.relay_port), timeout=20)
+    with stuck, stuck.makefile("rwb") as stream:
+        stream.readline()
+        for line in (b"EHLO x.example\r\n", b"MAIL FROM:<s@sender.example>\r\n",
+                     b"RCPT TO:<alice@verrotech.com>\r\n", b"DATA\r\n"):
+            stream.write(line)
+            stream.flush()
+            while (reply := stream.readline())[3:4] == b"-":
+                pass
+        assert reply.startswith(b"354")
+        stream.write(b"Subject: never finished\r\n\r\nhalf a messa")
+        stream.flush()
+        assert relay.terminate(timeout=15) == 0
+        assert stream.read().startswith(b"421 4.3.2 ")
+    relay.wait_for("messages still arriving after 1 s are dropped")
+    assert [m["id"] for m in relay.queue_list()] == [qid]
+
+
 def test_serve_refuses_bad_config(deployment: Deployment) -> None:
     deployment.config.write_text(deployment.config.read_text() + "\n[smtp2]\nx = 1\n")
     relay = deployment.relay()
