@@ -86,7 +86,7 @@ def test_a_batch_holding_new_mail_is_durable_whatever_else_it_holds(
     assert levels == ["full", "full"]
 
 
-def test_levels_hold_on_the_writer_s_one_connection(queue: Queue, levels: list[str]) -> None:
+def test_levels_hold_on_the_writer_s_connection(queue: Queue, levels: list[str]) -> None:
     with queue.holding_connection():
         queue.apply([new("01")])
         done = delivered(queue, "01")
