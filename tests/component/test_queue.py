@@ -24,6 +24,7 @@ from relay.queue import (
     Selector,
 )
 from relay.schema import bodies, delivery_log, messages
+from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -283,3 +284,25 @@ def test_after_a_failed_write_the_held_connection_is_replaced(tmp_path: Path) ->
     assert len(checkouts) == 2
     assert {v.id for v in queue.list()} == {"F1", "F2"}
     engine.dispose()
+
+
+@needs_postgres
+def test_the_writer_on_postgresql_survives_a_server_dropping_its_connections(
+    postgres_db_url: str,
+) -> None:
+    """As after a server restart: the pool's ping finds the dead connection and
+    the next transaction runs on a new one, where a held one would fail."""
+    engine, admin = db.connect(postgres_db_url), db.connect(postgres_db_url)
+    db.upgrade(engine)
+    queue = Queue(engine)
+    with queue.holding_connection():
+        assert queue.apply([new("P1")]) == [True]
+        with admin.connect() as conn:
+            ended = conn.exec_driver_sql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()").scalar()
+        assert ended >= 1
+        assert queue.apply([new("P2")]) == [True]
+    assert {v.id for v in queue.list()} == {"P1", "P2"}
+    engine.dispose()
+    admin.dispose()
