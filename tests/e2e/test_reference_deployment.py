@@ -12,7 +12,10 @@ from __future__ import annotations
 import email
 import email.policy
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from flufl.bounce import all_failures
@@ -28,6 +31,25 @@ from tests.support.deployment import (
 )
 
 pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def client_inside_data(deployment: Deployment) -> Iterator[BinaryIO]:
+    """A client that got 354 and sent half a message ("never finished"), then
+    stopped: the stream to read what the relay says next."""
+    sock = socket.create_connection((RELAY, deployment.relay_port), timeout=20)
+    with sock, sock.makefile("rwb") as stream:
+        stream.readline()
+        for line in (b"EHLO x.example\r\n", b"MAIL FROM:<s@sender.example>\r\n",
+                     b"RCPT TO:<alice@verrotech.com>\r\n", b"DATA\r\n"):
+            stream.write(line)
+            stream.flush()
+            while (reply := stream.readline())[3:4] == b"-":
+                pass
+        assert reply.startswith(b"354")
+        stream.write(b"Subject: never finished\r\n\r\nhalf a messa")
+        stream.flush()
+        yield stream
 
 
 def test_primary_down_then_up_delivers_each_message_once(deployment: Deployment) -> None:
@@ -95,18 +117,7 @@ def test_kill_9_loses_nothing_that_got_250(deployment: Deployment) -> None:
     sent = [deployment.send("s@sender.example", ["alice@verrotech.com"], message(n))
             for n in range(20)]
     # a client inside DATA when the relay dies: its message must leave no trace
-    partial = socket.create_connection((RELAY, deployment.relay_port), timeout=10)
-    with partial, partial.makefile("rwb") as stream:
-        stream.readline()
-        for line in (b"EHLO x.example\r\n", b"MAIL FROM:<s@sender.example>\r\n",
-                     b"RCPT TO:<alice@verrotech.com>\r\n", b"DATA\r\n"):
-            stream.write(line)
-            stream.flush()
-            while (reply := stream.readline())[3:4] == b"-":
-                pass
-        assert reply.startswith(b"354")
-        stream.write(b"Subject: never finished\r\n\r\nhalf a messa")
-        stream.flush()
+    with client_inside_data(deployment):
         relay.kill()
     restarted = deployment.relay().start()
     assert {m["id"] for m in restarted.queue_list()} == set(sent)
@@ -134,18 +145,7 @@ def test_sigterm_is_not_held_by_a_client_stuck_in_data(deployment: Deployment) -
     deployment.write_config(smtp={"shutdown_grace": "1s"})
     relay = deployment.relay().start()
     qid = deployment.send("s@sender.example", ["alice@verrotech.com"], message(1))
-    stuck = socket.create_connection((RELAY, deployment.relay_port), timeout=20)
-    with stuck, stuck.makefile("rwb") as stream:
-        stream.readline()
-        for line in (b"EHLO x.example\r\n", b"MAIL FROM:<s@sender.example>\r\n",
-                     b"RCPT TO:<alice@verrotech.com>\r\n", b"DATA\r\n"):
-            stream.write(line)
-            stream.flush()
-            while (reply := stream.readline())[3:4] == b"-":
-                pass
-        assert reply.startswith(b"354")
-        stream.write(b"Subject: never finished\r\n\r\nhalf a messa")
-        stream.flush()
+    with client_inside_data(deployment) as stream:
         assert relay.terminate(timeout=15) == 0
         assert stream.read().startswith(b"421 4.3.2 ")
     relay.wait_for("messages still arriving after 1 s are dropped")
