@@ -320,7 +320,6 @@ class Queue:
         })
         self._insert_recipients = _RawInsert(recipients, _RECIPIENT_COLUMNS, engine)
         self._insert_log = _RawInsert(delivery_log, _LOG_COLUMNS, engine)
-
         self._held = _HeldConnection()
 
     @contextmanager
