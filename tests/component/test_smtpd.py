@@ -898,6 +898,33 @@ async def test_data_timeout_is_an_idle_timeout(start: StartRelay) -> None:
     await client.close()
 
 
+async def test_a_busy_session_outlives_its_first_deadline(start: StartRelay) -> None:
+    """Each command puts the command timeout ahead again. Pacing, not
+    synchronisation, is what sleeps do here."""
+    relay = await start(smtp={"command_timeout": 0.5})
+    client = await relay.client()
+    for _ in range(12):  # 1.2 s in all, never 0.5 s without a command
+        assert (await client.cmd("NOOP")).code == 250
+        await asyncio.sleep(0.1)
+    assert await client.at_eof() == f"421 4.4.2 {HOST} Error: timeout exceeded\r\n".encode()
+    await client.close()
+
+
+async def test_back_from_data_the_shorter_command_timeout_applies(start: StartRelay) -> None:
+    """After a message, the session waits for its next command under
+    command_timeout, not under the longer data_timeout of the DATA before."""
+    relay = await start(smtp={"command_timeout": 0.2, "data_timeout": 600})
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@b.example>")
+    await client.cmd("RCPT TO:<a@verrotech.org>")
+    await client.cmd("DATA")
+    await client.send(BODY + b".\r\n")
+    assert (await client.reply()).code == 250
+    closing = await asyncio.wait_for(client.at_eof(), 10)
+    assert closing == f"421 4.4.2 {HOST} Error: timeout exceeded\r\n".encode()
+    await client.close()
+
+
 # -- ETRN ------------------------------------------------------------------------------------
 
 
