@@ -72,9 +72,10 @@ EXPOSE 25 9025
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request as u; url = os.environ.get('RELAY_HEALTHCHECK_URL', 'http://127.0.0.1:9025/healthz'); sys.exit(u.urlopen(url, timeout=4).status != 200)"]
 
-# relay serve stops on SIGTERM: closes the listeners, lets in-flight deliveries
-# finish for up to 20 s and exits 0. Docker's default stop timeout is 10 s:
-# run with `--stop-timeout 30` (compose: `stop_grace_period: 30s`).
+# relay serve stops on SIGTERM: closes the listeners, lets messages still
+# arriving finish for up to smtp.shutdown_grace (10 s), then in-flight
+# deliveries for up to 20 s, and exits 0. Docker's default stop timeout is
+# 10 s: run with `--stop-timeout 40` (compose: `stop_grace_period: 40s`).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["relay-entrypoint"]
 CMD ["serve"]
