@@ -200,6 +200,7 @@ class _Shared:
         smtp = config.smtp
         self.config = config
         self.hostname = config.node.hostname
+        self.shutting_down = f"421 4.3.2 {self.hostname} Service shutting down"
         self.policy = policy
         self.submit = submit
         self.id_factory = id_factory
@@ -243,7 +244,7 @@ class _Shared:
         smtp = self.config.smtp
         ip = proto.client_ip
         if self.closing:
-            return f"421 4.3.2 {self.hostname} Service shutting down"
+            return self.shutting_down
         if self.admitted >= smtp.max_connections or self.per_ip[ip] >= smtp.max_connections_per_ip:
             self.reject("connection_limit")
             return f"421 4.7.0 {self.hostname} Error: too many connections from {ip}"
@@ -504,13 +505,13 @@ class RelaySMTP(SMTP):
     def shutdown(self) -> None:
         """Listeners.close(): end this session now, or after the message in hand."""
         if not self._busy:
-            self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
+            self._say_goodbye(self._shared.shutting_down)
 
     def stop_receiving(self) -> None:
         """Listeners.stop_receiving(): drop the message still arriving, if any
         (nothing of it is kept); a message being stored is not touched."""
         if self._in_data:
-            self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
+            self._say_goodbye(self._shared.shutting_down)
 
     async def push(self, status: str | bytes) -> None:
         """Send one reply line; the lines of a multi-line reply ("250-...") wait
@@ -714,7 +715,7 @@ class RelaySMTP(SMTP):
         finally:
             self._busy = False
         if self._shared.closing:
-            self._say_goodbye(f"421 4.3.2 {self.hostname} Service shutting down")
+            self._say_goodbye(self._shared.shutting_down)
 
     async def _read_data(self) -> tuple[list[bytes], str | None] | None:
         """Read up to `<CRLF>.<CRLF>`: the unstuffed data in blocks of whole lines
