@@ -86,9 +86,15 @@ async def serve(
         metrics=metrics,
     )
 
-    async def submit(message: NewMessage) -> None:
-        await store.put(message)
-        scheduler.mail_queued({domain_of(r) for r in message.recipients})
+    def submit(message: NewMessage) -> asyncio.Future[None]:
+        stored = store.put(message)
+
+        def queued(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                scheduler.mail_queued({domain_of(r) for r in message.recipients})
+
+        stored.add_done_callback(queued)
+        return stored
 
     listeners = await smtpd.start_listeners(
         config,
