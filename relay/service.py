@@ -15,10 +15,11 @@ import logging
 import signal
 from collections.abc import Callable
 
-from relay import db, smtpd
+from relay import db
 from relay.clock import Clock, SystemClock
 from relay.config import Config
 from relay.httpd import HealthCheck, start_http
+from relay.listeners import start_listeners
 from relay.metrics import Metrics
 from relay.outcomes import rules_from_config
 from relay.queue import NewMessage, Queue, domain_of, new_queue_id
@@ -96,7 +97,7 @@ async def serve(
         stored.add_done_callback(queued)
         return stored
 
-    listeners = await smtpd.start_listeners(
+    listeners = await start_listeners(
         config,
         submit,
         id_factory=new_queue_id,

@@ -2,15 +2,16 @@
 
 Owns everything a sending MTA sees from us (SPEC "SMTP accept side"): the
 banner and EHLO keywords, MAIL/RCPT/DATA checks and their replies (all with
-RFC 3463 enhanced status codes), the prepended `Received:` header, connection
-and message-rate limits, command and DATA timeouts, STARTTLS, ETRN, and the
-rule that `250 ... queued as ID` is said only after `submit` has returned,
-i.e. after the message is durably committed.
+RFC 3463 enhanced status codes), the prepended `Received:` header, the
+replies of the connection and message-rate limits, command and DATA
+timeouts, STARTTLS, ETRN, and the rule that `250 ... queued as ID` is said
+only after `submit` has returned, i.e. after the message is durably committed.
 
-Refuses: deciding which addresses are valid (`policy.py`), storing anything
-itself (the `submit` callable does), AUTH (we never authenticate anyone),
-VRFY/EXPN (no address harvesting), and reverse DNS (the Received header says
-`unknown`).
+Refuses: deciding which addresses are valid (`policy.py`), counting clients
+against the limits (`smtp_limits.py`), binding sockets and the order of a
+shutdown (`listeners.py`), storing anything itself (the `submit` callable
+does), AUTH (we never authenticate anyone), VRFY/EXPN (no address
+harvesting), and reverse DNS (the Received header says `unknown`).
 
 Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
 
@@ -80,6 +81,7 @@ from relay.config import Config
 from relay.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path
 from relay.queue import NewMessage
 from relay.smtp_data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
+from relay.smtp_limits import ClientLimits
 
 log = logging.getLogger("relay.smtpd")
 
@@ -189,7 +191,7 @@ class SmtpStats:
     rejections: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
-class _Shared:
+class Shared:
     """What every session of every listener shares: config, limits, bookkeeping."""
 
     def __init__(
@@ -219,13 +221,11 @@ class _Shared:
         self.metrics = metrics
         self.closing = False
         self.protocols: set[RelaySMTP] = set()  # every live connection, refused ones too
-        self.admitted = 0
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.limits = ClientLimits(smtp.max_connections, smtp.max_connections_per_ip,
+                                   smtp.max_messages_per_ip_per_minute, clock)
         self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
         self.idle = asyncio.Event()
         self.idle.set()
-        self._mail_times: dict[str, collections.deque[float]] = {}
-        self._swept_at = 0.0
 
     def reject(self, reason: str) -> None:
         self.stats.rejections[reason] += 1
@@ -241,15 +241,12 @@ class _Shared:
         """Count a new connection in, or return the 421 greeting that refuses it."""
         self.protocols.add(proto)
         self.idle.clear()
-        smtp = self.config.smtp
         ip = proto.client_ip
         if self.closing:
             return self.shutting_down
-        if self.admitted >= smtp.max_connections or self.per_ip[ip] >= smtp.max_connections_per_ip:
+        if not self.limits.connect(ip):
             self.reject("connection_limit")
             return f"421 4.7.0 {self.hostname} Error: too many connections from {ip}"
-        self.admitted += 1
-        self.per_ip[ip] += 1
         proto.admitted = True
         if self.metrics is not None:
             self.metrics.session_started()
@@ -261,10 +258,7 @@ class _Shared:
             return
         self.protocols.discard(proto)
         if proto.admitted:
-            self.admitted -= 1
-            self.per_ip[proto.client_ip] -= 1
-            if self.per_ip[proto.client_ip] <= 0:
-                del self.per_ip[proto.client_ip]
+            self.limits.disconnect(proto.client_ip)
             if self.metrics is not None:
                 self.metrics.session_ended()
         self.keep(proto.handler_task)
@@ -282,25 +276,6 @@ class _Shared:
         self.finishing.discard(future)
         if not future.cancelled():
             future.exception()  # retrieved: the session logged it if it still cared
-
-    def allow_message(self, ip: str) -> bool:
-        """Count one MAIL from `ip` unless it is over max_messages_per_ip_per_minute."""
-        limit = self.config.smtp.max_messages_per_ip_per_minute
-        if not limit:
-            return True
-        now = self.clock.now().timestamp()
-        cutoff = now - 60.0
-        if now - self._swept_at > 60.0:
-            self._swept_at = now
-            for key in [k for k, times in self._mail_times.items() if times[-1] <= cutoff]:
-                del self._mail_times[key]
-        times = self._mail_times.setdefault(ip, collections.deque())
-        while times and times[0] <= cutoff:
-            times.popleft()
-        if len(times) >= limit:
-            return False
-        times.append(now)
-        return True
 
     def etrn_allowed(self, ip: str) -> bool:
         try:
@@ -387,7 +362,7 @@ class RelaySMTP(SMTP):
     """One client connection. aiosmtpd parses commands; the verbs that decide
     anything (MAIL, RCPT, DATA, ETRN) are ours, with our replies."""
 
-    def __init__(self, shared: _Shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self._shared = shared
         self.client_ip = "unknown"
         self.admitted = False
@@ -399,13 +374,13 @@ class RelaySMTP(SMTP):
         self._continued: list[bytes] = []  # lines of a multi-line reply not sent yet
         self._init_smtp(shared)
 
-    def _init_smtp(self, shared: _Shared) -> None:
+    def _init_smtp(self, shared: Shared) -> None:
         """Set every attribute aiosmtpd's SMTP.__init__ sets, as it would for our
         arguments (no AUTH, no PROXY, no call limits, SMTPUTF8 on, raw bytes).
 
         The stock __init__ runs inspect.getmembers, dir and inspect.signature
         on the session and its handler for every connection; the verb and hook
-        tables here are found once (`_smtp_verbs`, `_Shared`) and only bound
+        tables here are found once (`_smtp_verbs`, `Shared`) and only bound
         per session. tests/unit/test_smtpd_fastpath.py compares the result
         with the stock __init__'s, attribute by attribute.
         """
@@ -621,7 +596,7 @@ class RelaySMTP(SMTP):
             await self._refuse("smtputf8", "MAIL",
                                "553 5.6.7 Error: non-ASCII address without SMTPUTF8", sender)
             return
-        if not self._shared.allow_message(self.client_ip):
+        if not self._shared.limits.allow_message(self.client_ip):
             await self._refuse("rate_limit", "MAIL",
                                f"450 4.7.1 Error: too much mail from {self.client_ip}", sender)
             return
@@ -864,123 +839,3 @@ def _count_received(data: bytes, start: int) -> int:
         if count > MAX_HOPS:
             break
     return count
-
-
-class Listeners:
-    """The running SMTP servers, and a way to stop them politely."""
-
-    def __init__(self, servers: list[asyncio.Server], shared: _Shared) -> None:
-        self._servers = servers
-        self._shared = shared
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The (host, port) pairs actually bound (port 0 in config is resolved here)."""
-        return [
-            (str(sock.getsockname()[0]), int(sock.getsockname()[1]))
-            for server in self._servers for sock in server.sockets
-        ]
-
-    @property
-    def stats(self) -> SmtpStats:
-        return self._shared.stats
-
-    @property
-    def sessions_active(self) -> int:
-        return self._shared.admitted
-
-    def stop_accepting(self) -> None:
-        """Close the listening sockets; sessions already connected go on."""
-        for server in self._servers:
-            server.close()
-
-    async def wait_sessions(self, timeout: float | None = None) -> bool:
-        """Wait until every connection has ended; False if `timeout` passed first."""
-        try:
-            await asyncio.wait_for(self._shared.idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def close(self) -> None:
-        """Stop accepting; idle sessions hear 421 now, one receiving or storing a
-        message finishes it (and hears its reply) first."""
-        self.stop_accepting()
-        self._shared.closing = True
-        for proto in list(self._shared.protocols):
-            proto.shutdown()
-
-    def stop_receiving(self) -> None:
-        """After close() and a grace period: end the sessions still receiving a
-        message, so a client sending slowly (or a byte at a time, which no idle
-        timeout catches) cannot hold the shutdown; their messages were never
-        acknowledged. Those storing one finish and hear their reply."""
-        for proto in list(self._shared.protocols):
-            proto.stop_receiving()
-
-    def abort(self) -> None:
-        """Close every connection now, mid-DATA or not (nothing half-received is kept)."""
-        self.close()
-        for proto in list(self._shared.protocols):
-            if proto.transport is not None:
-                proto.transport.close()
-
-    async def wait_closed(self) -> None:
-        """After close(): wait for sessions, their tasks and pending commits to end."""
-        for server in self._servers:
-            await server.wait_closed()
-        await self._shared.idle.wait()
-        while self._shared.finishing:
-            await asyncio.gather(*list(self._shared.finishing), return_exceptions=True)
-
-    async def __aenter__(self) -> Listeners:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-        await self.wait_closed()
-
-
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The STARTTLS server context, when smtp.tls_cert and smtp.tls_key are set."""
-    if not config.smtp.tls_enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
-    return context
-
-
-async def start_listeners(
-    config: Config,
-    submit: Submit,
-    *,
-    id_factory: Callable[[], str],
-    clock: Clock,
-    on_etrn: OnEtrn | None = None,
-    policy: Policy | None = None,
-    metrics: SmtpMetrics | None = None,
-) -> Listeners:
-    """Listen on every smtp.listen address; returns once all are bound.
-
-    `submit` must return only after the message is durably stored (and raise
-    on failure); `on_etrn(domain)` makes that domain's mail due now; `policy`
-    defaults to one built from `config`; `metrics` (a `relay.metrics.Metrics`)
-    gets accepted messages, rejections by reason and open sessions.
-    """
-    loop = asyncio.get_running_loop()
-    shared = _Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,
-                     tls_context(config), loop, metrics)
-    backlog = max(100, min(config.smtp.max_connections, 4096))
-    servers: list[asyncio.Server] = []
-    try:
-        for address in config.smtp.listen:
-            servers.append(await loop.create_server(
-                lambda: RelaySMTP(shared), address.host, address.port,
-                reuse_address=True, backlog=backlog,
-            ))
-    except BaseException:
-        for server in servers:
-            server.close()
-            await server.wait_closed()
-        raise
-    return Listeners(servers, shared)

@@ -24,6 +24,7 @@ from sqlalchemy import select, text
 from relay import config as config_module
 from relay import db, smtpd
 from relay.clock import FakeClock
+from relay.listeners import Listeners, start_listeners
 from relay.metrics import Metrics
 from relay.policy import Policy
 from relay.queue import NewMessage, Queue, QueueError
@@ -140,7 +141,7 @@ class Ids:
 
 @dataclass
 class Relay:
-    listeners: smtpd.Listeners
+    listeners: Listeners
     queue: Queue
     clock: FakeClock
     etrn_calls: list[str]
@@ -173,7 +174,7 @@ StartRelay = Callable[..., Awaitable[Relay]]
 
 @pytest.fixture
 async def start(tmp_path: Path, queue: Queue) -> AsyncIterator[StartRelay]:
-    running: list[smtpd.Listeners] = []
+    running: list[Listeners] = []
 
     async def start_relay(
         smtp: dict[str, Any] | None = None, domains: dict[str, Any] | None = None,
@@ -188,7 +189,7 @@ async def start(tmp_path: Path, queue: Queue) -> AsyncIterator[StartRelay]:
         async def record_etrn(domain: str) -> None:
             calls.append(domain)
 
-        listeners = await smtpd.start_listeners(
+        listeners = await start_listeners(
             config,
             submit or (lambda m: asyncio.to_thread(queue.put_many, [m])),
             id_factory=Ids(),
@@ -1031,7 +1032,7 @@ def test_idle_sessions_hear_421_on_close_under_uvloop(tmp_path: Path) -> None:
         async def submit(message: NewMessage) -> None:
             raise QueueError("not in this test")
 
-        listeners = await smtpd.start_listeners(make_config(tmp_path), submit, id_factory=Ids(),
+        listeners = await start_listeners(make_config(tmp_path), submit, id_factory=Ids(),
                                                 clock=FakeClock(T0))
         reader, writer = await asyncio.open_connection(*listeners.addresses[0])
         await reader.readline()  # the greeting
@@ -1073,7 +1074,7 @@ def relay_in_thread(config: config_module.Config) -> Iterator[tuple[str, int]]:
         async def submit(message: NewMessage) -> None:
             raise QueueError("not in this test")
 
-        listeners = await smtpd.start_listeners(config, submit, id_factory=Ids(),
+        listeners = await start_listeners(config, submit, id_factory=Ids(),
                                                 clock=FakeClock(T0))
         holder["listeners"], holder["stop"] = listeners, asyncio.Event()
         ready.set()

@@ -8,22 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from relay import smtpd
 from relay.clock import FakeClock
+from relay.listeners import Listeners, start_listeners
 from relay.policy import Policy
 from relay.queue import NewMessage
 from tests.component.test_smtpd import BODY, T0, Client, Ids, make_config
 
 
 @pytest.fixture
-async def stored(tmp_path: Path) -> AsyncIterator[tuple[smtpd.Listeners, list[NewMessage]]]:
+async def stored(tmp_path: Path) -> AsyncIterator[tuple[Listeners, list[NewMessage]]]:
     config = make_config(tmp_path, {"max_message_size": 2000})
     messages: list[NewMessage] = []
 
     async def submit(message: NewMessage) -> None:
         messages.append(message)
 
-    listeners = await smtpd.start_listeners(config, submit, id_factory=Ids(),
+    listeners = await start_listeners(config, submit, id_factory=Ids(),
                                             clock=FakeClock(T0), policy=Policy(config))
     yield listeners, messages
     listeners.abort()
@@ -36,7 +36,7 @@ def transaction(body: bytes) -> bytes:
 
 
 async def test_transactions_sent_in_one_write_each_get_their_replies(
-    stored: tuple[smtpd.Listeners, list[NewMessage]],
+    stored: tuple[Listeners, list[NewMessage]],
 ) -> None:
     listeners, messages = stored
     client = await Client.connect(listeners.addresses[0])

@@ -28,7 +28,7 @@ from relay.policy import Policy
 class StockRelaySMTP(smtpd.RelaySMTP):
     """RelaySMTP set up by aiosmtpd's own SMTP.__init__, as it used to be."""
 
-    def _init_smtp(self, shared: smtpd._Shared) -> None:
+    def _init_smtp(self, shared: smtpd.Shared) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         SMTP.__init__(
             self, shared.handler, data_size_limit=shared.max_size, enable_SMTPUTF8=True,
@@ -39,7 +39,7 @@ class StockRelaySMTP(smtpd.RelaySMTP):
         self._smtp_methods.pop("AUTH", None)
 
 
-def shared(tmp_path: Path, tls: ssl.SSLContext | None) -> smtpd._Shared:
+def shared(tmp_path: Path, tls: ssl.SSLContext | None) -> smtpd.Shared:
     config = config_module.from_mapping(
         {"node": {"hostname": "mx.example"}, "smtp": {"listen": ["127.0.0.1:0"]},
          "domains": {"example.org": {}}}, env={}, base=tmp_path)
@@ -47,7 +47,7 @@ def shared(tmp_path: Path, tls: ssl.SSLContext | None) -> smtpd._Shared:
     async def submit(message: object) -> None:
         return None
 
-    return smtpd._Shared(config, Policy(config), submit, lambda: "ID", FakeClock(), None, tls,
+    return smtpd.Shared(config, Policy(config), submit, lambda: "ID", FakeClock(), None, tls,
                          asyncio.get_running_loop(), None)
 
 
