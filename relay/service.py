@@ -3,8 +3,8 @@
 Owns process lifetime: migrate or refuse the database, start the SMTP
 listeners and the scheduler, stop on SIGTERM/SIGINT by closing the listeners
 first, letting in-flight deliveries finish (or putting them back), flushing
-the last commits and exiting 0. Refuses business logic: each part lives in
-its own module.
+the last commits and exiting 0; a second signal during all that stops at
+once (exit 1). Refuses business logic: each part lives in its own module.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -31,6 +32,7 @@ from relay.transport import SmtpTransport
 log = logging.getLogger("relay.service")
 
 SHUTDOWN_GRACE = 20.0  # seconds in-flight deliveries get to finish on SIGTERM
+EXIT_STOPPED_NOW = 1  # the exit status after a second signal cut the graceful stop short
 
 
 def identity(config: Config) -> Identity:
@@ -38,6 +40,26 @@ def identity(config: Config) -> Identity:
     addresses = {a.host for a in config.smtp.listen if a.host not in ("0.0.0.0", "::")}
     addresses.update(config.node.addresses)
     return Identity(hostname=config.node.hostname, addresses=frozenset(addresses))
+
+
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """The first SIGTERM or SIGINT stops gracefully; another one while that
+    goes on (a second Ctrl-C, a hung database) stops at once, as kill -9
+    would: nothing acknowledged is lost (README "What is fsync'd")."""
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning("stopping now, on a second %s: messages not yet answered 250 are "
+                    "dropped (their clients send them again); deliveries under way are "
+                    "tried again after the restart", sig.name)
+        logging.shutdown()  # flush the log: os._exit skips it
+        os._exit(EXIT_STOPPED_NOW)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
+            loop.add_signal_handler(sig, on_signal, sig)
 
 
 async def serve(
@@ -50,10 +72,7 @@ async def serve(
     """Run until `stop` is set (or SIGTERM/SIGINT arrive)."""
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
-            loop.add_signal_handler(sig, stop.set)
+    _stop_on_signals(asyncio.get_running_loop(), stop)
 
     engine = db.connect(config.queue.url, background_checkpoints=True)
     revision = await asyncio.to_thread(db.ensure_ready, engine)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,6 +150,26 @@ def test_sigterm_is_not_held_by_a_client_stuck_in_data(deployment: Deployment) -
         assert relay.terminate(timeout=15) == 0
         assert stream.read().startswith(b"421 4.3.2 ")
     relay.wait_for("messages still arriving after 1 s are dropped")
+    assert [m["id"] for m in relay.queue_list()] == [qid]
+
+
+def test_a_second_sigterm_stops_at_once_and_keeps_what_was_acknowledged(
+    deployment: Deployment,
+) -> None:
+    """The graceful stop waits for a client stuck in DATA (here up to a minute);
+    an operator's second signal ends it now, as kill -9 would, with a log line."""
+    deployment.write_config(smtp={"shutdown_grace": "60s"})
+    relay = deployment.relay().start()
+    qid = deployment.send("s@sender.example", ["alice@verrotech.com"], message(1))
+    with client_inside_data(deployment) as stream:
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_for("stopping: no new connections")
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.proc.wait(timeout=10) == 1
+        assert stream.read() == b""  # cut off: no 250 for the half-sent message
+    relay.wait_for("stopping now, on a second SIGTERM")
+    assert "Traceback" not in relay.log
     assert [m["id"] for m in relay.queue_list()] == [qid]
 
 
