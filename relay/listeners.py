@@ -115,14 +115,15 @@ async def start_listeners(
 ) -> Listeners:
     """Listen on every smtp.listen address; returns once all are bound.
 
-    `submit` must return only after the message is durably stored (and raise
-    on failure); `on_etrn(domain)` makes that domain's mail due now; `policy`
-    defaults to one built from `config`; `metrics` (a `relay.metrics.Metrics`)
-    gets accepted messages, rejections by reason and open sessions.
+    `submit` returns an awaitable that is done only once the message is
+    durably stored (and raises on failure); `on_etrn(domain)` makes that
+    domain's mail due now; `policy` defaults to one built from `config`;
+    `metrics` (a `relay.metrics.Metrics`) gets accepted messages, rejections
+    by reason and open sessions.
     """
     loop = asyncio.get_running_loop()
     shared = Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,
-                     tls_context(config), loop, metrics)
+                    tls_context(config), loop, metrics)
     backlog = max(100, min(config.smtp.max_connections, 4096))
     servers: list[asyncio.Server] = []
     try:
