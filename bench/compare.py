@@ -315,7 +315,7 @@ class Relay:
         self.config = work / "relay.toml"
         self.log = work / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._queue: Any = None  # relay.queue.Queue, opened on first use
+        self._queue: Any = None  # relay.queue.access.Queue, opened on first use
         work.mkdir(parents=True, exist_ok=True)
         self.config.write_text(relay_config(f"{self.host}:{self.port}", self.url,
                                             f"[{PRIMARY_HOST}]:{sink_port}"))
@@ -365,7 +365,7 @@ class Relay:
         """Messages per state through the queue API (what `relay queue stats` shows)."""
         if self._queue is None:
             from relay import db  # the venv's packages: imported once main() re-exec'd
-            from relay.queue import Queue
+            from relay.queue.access import Queue
 
             self._queue = Queue(db.connect(self.url))
         counts: dict[str, int] = self._queue.counts()

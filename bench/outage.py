@@ -39,8 +39,8 @@ from common import (
     stop_process,
 )
 
-from relay import db
-from relay.queue import NewMessage, Queue, new_queue_id
+from relay.queue import db
+from relay.queue.access import NewMessage, Queue, new_queue_id
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -6,7 +6,7 @@ then times:
 
 - the scrape-time reads: `Queue.counts()` + `Queue.oldest_received_at()`;
 - a full `/metrics` generation (`generate_latest` on a `Metrics` registry),
-  and the same over a real HTTP socket through `relay.httpd`;
+  and the same over a real HTTP socket through `relay.ops.http`;
 - the old way: GROUP BY scans over `messages` (what `Queue.stats()` did);
 - the write-side cost of the triggers: `Queue.put_many` with and without them.
 
@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import generate_latest
 from sqlalchemy import Engine, func, select
 
-from relay import db
-from relay.clock import FakeClock
-from relay.config import HostPort
-from relay.httpd import HealthCheck, start_http
-from relay.metrics import Metrics
-from relay.queue import NewMessage, Queue
-from relay.schema import SQLITE_COUNT_TRIGGERS, messages
+from relay.core.clock import FakeClock
+from relay.core.config import HostPort
+from relay.ops.http import HealthCheck, start_http
+from relay.ops.metrics import Metrics
+from relay.queue import db
+from relay.queue.access import NewMessage, Queue
+from relay.queue.schema import SQLITE_COUNT_TRIGGERS, messages
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 DOMAINS = [f"customer{i:02d}.example" for i in range(50)]

@@ -1,8 +1,8 @@
-"""Alembic environment: runs revisions on the connection `relay.db` hands over."""
+"""Alembic environment: runs revisions on the connection `relay.queue.db` hands over."""
 
 from alembic import context
 
-from relay.schema import metadata
+from relay.queue.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

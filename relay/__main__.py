@@ -1,6 +1,6 @@
 """`python -m relay` is the same as the `relay` console script."""
 
-from relay.cli import main
+from relay.ops.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -16,18 +16,18 @@ import os
 import signal
 from collections.abc import Callable
 
-from relay import db
-from relay.clock import Clock, SystemClock
-from relay.config import Config
-from relay.httpd import HealthCheck, start_http
-from relay.listeners import start_listeners
-from relay.metrics import Metrics
-from relay.outcomes import rules_from_config
-from relay.queue import NewMessage, Queue, domain_of, new_queue_id
-from relay.resolver import DnsResolver, Identity
-from relay.scheduler import Limits, Scheduler
-from relay.store import Store
-from relay.transport import SmtpTransport
+from relay.core.clock import Clock, SystemClock
+from relay.core.config import Config
+from relay.delivery.outcomes import rules_from_config
+from relay.delivery.resolver import DnsResolver, Identity
+from relay.delivery.scheduler import Limits, Scheduler
+from relay.delivery.transport import SmtpTransport
+from relay.ops.http import HealthCheck, start_http
+from relay.ops.metrics import Metrics
+from relay.queue import db
+from relay.queue.access import NewMessage, Queue, domain_of, new_queue_id
+from relay.queue.store import Store
+from relay.smtp.listeners import start_listeners
 
 log = logging.getLogger("relay.service")
 

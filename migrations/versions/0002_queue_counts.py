@@ -105,7 +105,7 @@ def upgrade() -> None:
         statements: tuple[str, ...] = SQLITE
     elif dialect == "postgresql":
         statements = POSTGRESQL
-    else:  # relay.db refuses other backends; fail loudly rather than count wrong
+    else:  # relay.queue.db refuses other backends; fail loudly rather than count wrong
         raise NotImplementedError(f"queue_counts triggers for {dialect}")
     for statement in statements:
         op.execute(statement)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import db
-from relay.queue import Queue
+from relay.queue import db
+from relay.queue.access import Queue
 from tests.support.postgres import needs_postgres
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=needs_postgres)]

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from relay import cli_queue, db
-from relay.cli import main_group
-from relay.cli_queue import queue_group, valid_domain
-from relay.clock import FakeClock
-from relay.model import RecipientStatus
-from relay.queue import (
+from relay.core.clock import FakeClock
+from relay.core.model import RecipientStatus
+from relay.ops.cli import queue as cli_queue
+from relay.ops.cli.main import main_group
+from relay.ops.cli.queue import queue_group, valid_domain
+from relay.queue import db
+from relay.queue.access import (
     Attempt,
     DestinationUpdate,
     NewMessage,
@@ -28,7 +29,7 @@ from relay.queue import (
     RecipientUpdate,
 )
 
-main_group.add_command(queue_group, "queue")  # what relay.cli.main() does
+main_group.add_command(queue_group, "queue")  # what relay.ops.cli.main.main() does
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=2)

@@ -557,24 +557,8 @@ def test_image_migrates_serves_smtp_and_stops_on_sigterm(image: Image, tmp_path:
         assert current.returncode == 0 and "(head)" in current.stdout, current
 
 
-def serve_starts_the_metrics_endpoint() -> bool:
-    """Whether `relay serve` is wired to relay/httpd.py (work in progress as this was written)."""
-    return any(
-        "httpd" in (REPO / "relay" / name).read_text(encoding="utf-8")
-        for name in ("service.py", "cli.py")
-    )
-
-
-# TODO(remove this xfail once relay serve starts relay/httpd.py): strict, so a pass
-# while the condition still holds fails loudly, and the condition turns the test into
-# a plain one as soon as service.py or cli.py use httpd.
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    not serve_starts_the_metrics_endpoint(),
-    reason="relay serve does not start the /metrics + /healthz endpoint (relay/httpd.py) yet",
-    strict=True,
-)
 def test_image_healthcheck_passes_on_a_running_relay(image: Image, tmp_path: Path) -> None:
     with run_container(image, tmp_path) as running:
         wait_for_banner(running)

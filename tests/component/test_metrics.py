@@ -28,13 +28,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select, text
 
-from relay import db
-from relay.clock import FakeClock
-from relay.config import HostPort
-from relay.httpd import HealthCheck, start_http
-from relay.metrics import METRICS, Metrics
-from relay.model import MessageState, RecipientStatus
-from relay.queue import (
+from relay.core.clock import FakeClock
+from relay.core.config import HostPort
+from relay.core.model import MessageState, RecipientStatus
+from relay.ops.http import HealthCheck, start_http
+from relay.ops.metrics import METRICS, Metrics
+from relay.queue import db
+from relay.queue.access import (
     Attempt,
     Claimed,
     DestinationUpdate,
@@ -44,14 +44,14 @@ from relay.queue import (
     RecipientUpdate,
     Selector,
 )
-from relay.schema import messages
+from relay.queue.schema import messages
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
 STATES = tuple(s.value for s in MessageState)
 
 # The contract (SPEC "Metrics"): name -> (type, labels). Kept here, not taken
-# from relay.metrics, so that a rename there fails this test.
+# from relay.ops.metrics, so that a rename there fails this test.
 SPEC_METRICS = {
     "relay_queue_messages": ("gauge", {"state"}),
     "relay_queue_oldest_message_age_seconds": ("gauge", set()),

@@ -18,9 +18,9 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, insert, inspect, select, text
 
-from relay import db
-from relay.queue import NewMessage, Queue, Selector
-from relay.schema import bodies, messages, metadata
+from relay.queue import db
+from relay.queue.access import NewMessage, Queue, Selector
+from relay.queue.schema import bodies, messages, metadata
 from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Table, event, func, select
 
-from relay import db
-from relay.model import MessageState, RecipientStatus
-from relay.queue import (
+from relay.core.model import MessageState, RecipientStatus
+from relay.queue import db
+from relay.queue.access import (
     Attempt,
     Claimed,
     DestinationUpdate,
@@ -23,7 +23,7 @@ from relay.queue import (
     RecipientUpdate,
     Selector,
 )
-from relay.schema import bodies, delivery_log, messages
+from relay.queue.schema import bodies, delivery_log, messages
 from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -194,7 +194,7 @@ def test_stats(queue: Queue) -> None:
 
 def test_storage_failure_keeps_nothing(queue: Queue) -> None:
     queue.put_many([new("01")])
-    from relay.queue import QueueError
+    from relay.queue.access import QueueError
 
     with pytest.raises(QueueError):
         queue.put_many([new("02"), new("01")])  # duplicate id fails the whole batch
@@ -247,7 +247,7 @@ def test_group_commit_refuses_only_a_duplicate_put(queue: Queue) -> None:
 
 
 def test_deleting_more_messages_than_one_statement_takes(queue: Queue) -> None:
-    from relay.queue import IDS_PER_STATEMENT
+    from relay.queue.access import IDS_PER_STATEMENT
 
     n = IDS_PER_STATEMENT * 2 + 7
     queue.put_many([new(f"{i:05d}") for i in range(n)])

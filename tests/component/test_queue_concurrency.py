@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from relay import db
-from relay.queue import Claimed, NewMessage, Queue
-from relay.schema import messages
+from relay.queue import db
+from relay.queue.access import Claimed, NewMessage, Queue
+from relay.queue.schema import messages
 from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

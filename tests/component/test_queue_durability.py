@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from relay import db
-from relay.model import RecipientStatus
-from relay.queue import Attempt, NewMessage, Queue, RecipientUpdate, Selector
-from relay.store import Store
-from relay.writer import Checkpointer
+from relay.core.model import RecipientStatus
+from relay.queue import db
+from relay.queue.access import Attempt, NewMessage, Queue, RecipientUpdate, Selector
+from relay.queue.store import Store
+from relay.queue.writer import Checkpointer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

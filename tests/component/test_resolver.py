@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from relay.model import Hop
-from relay.resolver import DnsResolver, Identity, NoRoute, Route, parse_next_hop
+from relay.core.model import Hop
+from relay.delivery.resolver import DnsResolver, Identity, NoRoute, Route, parse_next_hop
 from tests.support.dns_server import DnsServer
 
 NOBODY = Identity("relay.elsewhere.example", frozenset({"198.51.100.99"}))

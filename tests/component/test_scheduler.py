@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from relay import db
-from relay.backoff import BackoffPolicy
-from relay.clock import FakeClock
-from relay.metrics import Metrics
-from relay.model import DeliveryReport, Hop, OutboundMessage, Reply
-from relay.outcomes import Rules
-from relay.queue import Claimed, NewMessage, Queue
-from relay.resolver import NoRoute, Route
-from relay.scheduler import PREFETCH_MAX_SIZE, Limits, Scheduler
-from relay.store import Store
+from relay.core.clock import FakeClock
+from relay.core.model import DeliveryReport, Hop, OutboundMessage, Reply
+from relay.delivery.backoff import BackoffPolicy
+from relay.delivery.outcomes import Rules
+from relay.delivery.resolver import NoRoute, Route
+from relay.delivery.scheduler import PREFETCH_MAX_SIZE, Limits, Scheduler
+from relay.ops.metrics import Metrics
+from relay.queue import db
+from relay.queue.access import Claimed, NewMessage, Queue
+from relay.queue.store import Store
 
 REFUSED = Reply(451, "4.4.1 connect to mail.verrotech.com[127.0.0.2]:25: Connection refused")
 OK = Reply(250, "2.0.0 Ok: queued")

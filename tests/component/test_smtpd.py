@@ -21,14 +21,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 
-from relay import config as config_module
-from relay import db, smtpd
-from relay.clock import FakeClock
-from relay.listeners import Listeners, start_listeners
-from relay.metrics import Metrics
-from relay.policy import Policy
-from relay.queue import NewMessage, Queue, QueueError
-from relay.schema import messages, recipients
+from relay.core import config as config_module
+from relay.core.clock import FakeClock
+from relay.ops.metrics import Metrics
+from relay.queue import db
+from relay.queue.access import NewMessage, Queue, QueueError
+from relay.queue.schema import messages, recipients
+from relay.smtp import server as smtpd
+from relay.smtp.listeners import Listeners, start_listeners
+from relay.smtp.policy import Policy
 
 HOST = "mail.verrotech.net"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.clock import FakeClock
-from relay.listeners import Listeners, start_listeners
-from relay.policy import Policy
-from relay.queue import NewMessage
+from relay.core.clock import FakeClock
+from relay.queue.access import NewMessage
+from relay.smtp.listeners import Listeners, start_listeners
+from relay.smtp.policy import Policy
 from tests.component.test_smtpd import BODY, T0, Client, Ids, make_config
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import db
-from relay.queue import NewMessage, Queue, QueueError
-from relay.store import Store
+from relay.queue import db
+from relay.queue.access import NewMessage, Queue, QueueError
+from relay.queue.store import Store
 
 
 def new(qid: str) -> NewMessage:

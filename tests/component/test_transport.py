@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from relay.model import Hop, OutboundMessage, Outcome, Reply
-from relay.transport import SmtpTransport, TlsPolicy
+from relay.core.model import Hop, OutboundMessage, Outcome, Reply
+from relay.delivery.transport import SmtpTransport, TlsPolicy
 from tests.support.smtp_sink import Sink, closed_port, sink_ca
 
 MX = "mail.verrotech.com"

@@ -56,7 +56,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from relay import db
+from relay.queue import db
 
 ENV_URL = "RELAY_TEST_POSTGRES_URL"
 MARK = "postgresql"

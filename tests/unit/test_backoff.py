@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from relay.backoff import JITTER, BackoffPolicy
+from relay.delivery.backoff import JITTER, BackoffPolicy
 
 POLICY = BackoffPolicy(min_backoff=300, max_backoff=3600, max_lifetime=5 * 86400)
 

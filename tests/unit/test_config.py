@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import config
-from relay.config import ConfigError, parse_duration, parse_size
+from relay.core import config
+from relay.core.config import ConfigError, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""relay.dsn: the DSN bytes parse back, to the stdlib and to an independent DSN parser."""
+"""relay.delivery.dsn: the DSN bytes parse back, to the stdlib and to an independent DSN parser."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from flufl.bounce import all_failures, scan_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dsn import Action, Dsn, RecipientNotice, build_dsn
-from relay.model import Reply
+from relay.core.model import Reply
+from relay.delivery.dsn import Action, Dsn, RecipientNotice, build_dsn
 
 ARRIVAL = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 NOW = ARRIVAL + timedelta(days=5)

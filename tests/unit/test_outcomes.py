@@ -8,8 +8,7 @@ from itertools import count
 
 import pytest
 
-from relay.backoff import BackoffPolicy
-from relay.model import (
+from relay.core.model import (
     DeliveryReport,
     MessageState,
     Outcome,
@@ -18,9 +17,10 @@ from relay.model import (
     message_may_become,
     recipient_may_become,
 )
-from relay.outcomes import Rules, decide
-from relay.queue import Claimed, PendingRecipient
-from relay.resolver import NoRoute
+from relay.delivery.backoff import BackoffPolicy
+from relay.delivery.outcomes import Rules, decide
+from relay.delivery.resolver import NoRoute
+from relay.queue.access import Claimed, PendingRecipient
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 ORIGINAL = b"Subject: hello\r\nMessage-ID: <m1@sender.example>\r\n\r\nbody\r\n"

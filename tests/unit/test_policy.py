@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import config as config_module
-from relay.policy import (
+from relay.core import config as config_module
+from relay.smtp.policy import (
     PathSyntaxError,
     Policy,
     RecipientFile,

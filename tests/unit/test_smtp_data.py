@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay.smtp_data import LINE_TOO_LONG, MAX_LINE, TOO_BIG, DataReceiver
+from relay.smtp.data import LINE_TOO_LONG, MAX_LINE, TOO_BIG, DataReceiver
 
 Outcome = tuple[bytes, str | None, int] | None
 

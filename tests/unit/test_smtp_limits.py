@@ -5,8 +5,8 @@
 
 from datetime import UTC, datetime
 
-from relay.clock import FakeClock
-from relay.smtp_limits import ClientLimits
+from relay.core.clock import FakeClock
+from relay.smtp.limits import ClientLimits
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

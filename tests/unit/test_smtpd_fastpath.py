@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from relay import config as config_module
-from relay import smtpd
-from relay.clock import FakeClock
-from relay.policy import Policy
+from relay.core import config as config_module
+from relay.core.clock import FakeClock
+from relay.smtp import server as smtpd
+from relay.smtp.policy import Policy
 
 # -- session setup ---------------------------------------------------------------
 

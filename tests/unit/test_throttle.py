@@ -2,8 +2,8 @@
 
 import pytest
 
-from relay.model import DeliveryReport, Reply
-from relay.throttle import INITIAL_WINDOW, Window, pushed_back
+from relay.core.model import DeliveryReport, Reply
+from relay.delivery.throttle import INITIAL_WINDOW, Window, pushed_back
 
 
 def test_window_starts_small_and_grows_to_the_limit() -> None:

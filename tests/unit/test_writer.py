@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.queue import NewMessage, QueueError
-from relay.writer import STOP, Answer, QueueInbox, Request, write_loop
+from relay.queue.access import NewMessage, QueueError
+from relay.queue.writer import STOP, Answer, QueueInbox, Request, write_loop
 
 
 def put(key: int) -> Request:

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay import db
-from relay.queue import Attempt, NewMessage, Queue, QueueError
+from relay.queue import db
+from relay.queue.access import Attempt, NewMessage, Queue, QueueError
 
-log = logging.getLogger("relay.writer")
+log = logging.getLogger("relay.queue.writer")
 
 MAX_BATCH = 256
 CHECKPOINT_INTERVAL = 0.2  # seconds between WAL checkpoints while writes go on

@@ -23,7 +23,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from typing import Literal
 
-from relay.model import Reply
+from relay.core.model import Reply
 
 __all__ = ["Action", "Dsn", "RecipientNotice", "build_dsn"]
 

@@ -49,7 +49,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import SMTPProtocol
 
-from relay.model import DeliveryReport, Hop, OutboundMessage, Reply
+from relay.core.model import DeliveryReport, Hop, OutboundMessage, Reply
 
 __all__ = ["SmtpTransport", "TlsPolicy", "Transport"]
 

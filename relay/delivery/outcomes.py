@@ -13,11 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from relay.backoff import BackoffPolicy
-from relay.config import Config
-from relay.dsn import RecipientNotice, build_dsn
-from relay.model import DeliveryReport, Outcome, RecipientStatus, Reply
-from relay.queue import (
+from relay.core.config import Config
+from relay.core.model import DeliveryReport, Outcome, RecipientStatus, Reply
+from relay.delivery.backoff import BackoffPolicy
+from relay.delivery.dsn import RecipientNotice, build_dsn
+from relay.delivery.resolver import NoRoute
+from relay.queue.access import (
     Attempt,
     Claimed,
     DestinationUpdate,
@@ -26,7 +27,6 @@ from relay.queue import (
     RecipientUpdate,
     new_queue_id,
 )
-from relay.resolver import NoRoute
 
 EXPIRED_STATUS = "5.4.7"
 

@@ -56,7 +56,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from relay.model import Hop
+from relay.core.model import Hop
 
 __all__ = ["DnsResolver", "Identity", "NoRoute", "Resolver", "Route", "parse_next_hop"]
 

@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.config import Config, DomainConfig
-from relay.model import Reply
+from relay.core.config import Config, DomainConfig
+from relay.core.model import Reply
 
-log = logging.getLogger("relay.policy")
+log = logging.getLogger("relay.smtp.policy")
 
 # Characters that make a local part route somewhere else ("user%other@us",
 # "other!user@us", "user@other@us") or hide such a route in quotes.

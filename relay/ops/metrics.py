@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from relay.clock import Clock, SystemClock
-from relay.model import MessageState, Outcome
+from relay.core.clock import Clock, SystemClock
+from relay.core.model import MessageState, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 
 
 class QueueCounts(Protocol):
-    """What the queue collector needs of `relay.queue.Queue` (blocking calls)."""
+    """What the queue collector needs of `relay.queue.access.Queue` (blocking calls)."""
 
     def counts(self) -> dict[str, int]: ...
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from relay import db, writer
-from relay.queue import Attempt, NewMessage, Queue, QueueError
-from relay.writer import Answer, Checkpointer, QueueInbox, Request
+from relay.queue import db, writer
+from relay.queue.access import Attempt, NewMessage, Queue, QueueError
+from relay.queue.writer import Answer, Checkpointer, QueueInbox, Request
 
-log = logging.getLogger("relay.store")
+log = logging.getLogger("relay.queue.store")
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from relay.config import HostPort
+from relay.core.config import HostPort
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from relay.outcomes import Decision
-    from relay.queue import Claimed
+    from relay.delivery.outcomes import Decision
+    from relay.queue.access import Claimed
 
 log = logging.getLogger("relay.mail")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 
-from relay.clock import Clock
+from relay.core.clock import Clock
 
 WINDOW = 60.0  # seconds: the per-minute message limit looks this far back
 

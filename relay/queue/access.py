@@ -36,8 +36,15 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from ulid import ULID
 
-from relay.model import MessageState, RecipientStatus
-from relay.schema import bodies, delivery_log, destinations, messages, queue_counts, recipients
+from relay.core.model import MessageState, RecipientStatus
+from relay.queue.schema import (
+    bodies,
+    delivery_log,
+    destinations,
+    messages,
+    queue_counts,
+    recipients,
+)
 
 PENDING = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
 

@@ -52,7 +52,7 @@ stock aiosmtpd replies lack enhanced codes and its DATA keeps the command
 timer running. `push` adds enhanced codes to the stock replies that remain.
 Sessions are set up by `_init_smtp` instead of aiosmtpd's __init__, whose
 introspection would otherwise run on every connection, and DATA is read in
-bulk (`relay.smtp_data`) rather than a line per read.
+bulk (`relay.smtp.data`) rather than a line per read.
 """
 
 from __future__ import annotations
@@ -75,15 +75,15 @@ from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail
 
-from relay import maillog
-from relay.clock import Clock
-from relay.config import Config
-from relay.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path
-from relay.queue import NewMessage
-from relay.smtp_data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
-from relay.smtp_limits import ClientLimits
+from relay.core import maillog
+from relay.core.clock import Clock
+from relay.core.config import Config
+from relay.queue.access import NewMessage
+from relay.smtp.data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
+from relay.smtp.limits import ClientLimits
+from relay.smtp.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path
 
-log = logging.getLogger("relay.smtpd")
+log = logging.getLogger("relay.smtp.server")
 
 Submit = Callable[[NewMessage], Awaitable[None]]
 OnEtrn = Callable[[str], Awaitable[object]]
@@ -175,7 +175,7 @@ def _valid_utf8(text: str) -> bool:
 
 
 class SmtpMetrics(Protocol):
-    """What we report to `relay.metrics.Metrics` (relay_smtp_*)."""
+    """What we report to `relay.ops.metrics.Metrics` (relay_smtp_*)."""
 
     def accepted(self, messages: int = 1) -> None: ...
     def rejected(self, reason: str) -> None: ...

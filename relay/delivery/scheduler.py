@@ -22,18 +22,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from relay import maillog
-from relay.clock import Clock
-from relay.metrics import Metrics
-from relay.model import DeliveryReport, OutboundMessage, Outcome
-from relay.outcomes import Decision, Rules, decide, delay_notice
-from relay.queue import Claimed, Queue, QueueError, Selector
-from relay.resolver import NoRoute, Resolver
-from relay.store import Store
-from relay.throttle import Window, pushed_back
-from relay.transport import Transport
+from relay.core import maillog
+from relay.core.clock import Clock
+from relay.core.model import DeliveryReport, OutboundMessage, Outcome
+from relay.delivery.outcomes import Decision, Rules, decide, delay_notice
+from relay.delivery.resolver import NoRoute, Resolver
+from relay.delivery.throttle import Window, pushed_back
+from relay.delivery.transport import Transport
+from relay.ops.metrics import Metrics
+from relay.queue.access import Claimed, Queue, QueueError, Selector
+from relay.queue.store import Store
 
-log = logging.getLogger("relay.scheduler")
+log = logging.getLogger("relay.delivery.scheduler")
 
 PUSH_BACK_DELAY = 1.0  # seconds before a throttled message is offered again
 PREFETCH_MAX_SIZE = 64 * 1024  # bodies up to this size are read with their claim

@@ -14,47 +14,17 @@ import gc
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 
-from relay import config as configuration
-from relay import db, maillog
-from relay.config import Config, ConfigError
-from relay.queue import QueueError
-
-F = TypeVar("F", bound=Callable[..., Any])
+from relay.core import config as configuration
+from relay.core import maillog
+from relay.ops.cli.common import config_option, fail, load_config
+from relay.queue import db
+from relay.queue.access import QueueError
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
-
-
-def fail(message: str) -> NoReturn:
-    """One clear line on stderr, exit 1."""
-    click.echo(f"relay: {message}", err=True)
-    sys.exit(1)
-
-
-def config_option(func: F) -> F:
-    """`-c/--config`, accepted on the group and on every command."""
-    return click.option(
-        "-c",
-        "--config",
-        "config_path",
-        metavar="PATH",
-        default=None,
-        help="config file (default: $RELAY_CONFIG, else config/relay.toml, else built-ins)",
-    )(func)
-
-
-def load_config(ctx: click.Context, path: str | None) -> Config:
-    """The config named after the command words wins over one named before them."""
-    chosen = path or (ctx.find_root().obj or {}).get("config_path")
-    try:
-        return configuration.load(chosen)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        sys.exit(1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -157,7 +127,7 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
 def main() -> None:
     """Console-script entry point."""
     try:
-        from relay.cli_queue import queue_group
+        from relay.ops.cli.queue import queue_group
 
         main_group.add_command(queue_group, "queue")
         main_group(prog_name="relay")

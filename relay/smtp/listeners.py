@@ -13,10 +13,10 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
-from relay.clock import Clock
-from relay.config import Config
-from relay.policy import Policy
-from relay.smtpd import OnEtrn, RelaySMTP, Shared, SmtpMetrics, SmtpStats, Submit
+from relay.core.clock import Clock
+from relay.core.config import Config
+from relay.smtp.policy import Policy
+from relay.smtp.server import OnEtrn, RelaySMTP, Shared, SmtpMetrics, SmtpStats, Submit
 
 
 class Listeners:
@@ -118,7 +118,7 @@ async def start_listeners(
     `submit` returns an awaitable that is done only once the message is
     durably stored (and raises on failure); `on_etrn(domain)` makes that
     domain's mail due now; `policy` defaults to one built from `config`;
-    `metrics` (a `relay.metrics.Metrics`) gets accepted messages, rejections
+    `metrics` (a `relay.ops.metrics.Metrics`) gets accepted messages, rejections
     by reason and open sessions.
     """
     loop = asyncio.get_running_loop()

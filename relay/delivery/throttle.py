@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relay.model import DeliveryReport
+from relay.core.model import DeliveryReport
 
 INITIAL_WINDOW = 5  # Postfix's initial_destination_concurrency
 SLOW_FACTOR = 4.0  # a delivery this many times the average counts as a slow-down

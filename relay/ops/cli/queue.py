@@ -31,13 +31,13 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay import db
-from relay.cli import config_option, fail, load_config
-from relay.clock import Clock, SystemClock
-from relay.config import Config
-from relay.model import MessageState
-from relay.outcomes import decide, rules_from_config
-from relay.queue import MessageView, Queue, QueueError, Selector
+from relay.core.clock import Clock, SystemClock
+from relay.core.config import Config
+from relay.core.model import MessageState
+from relay.delivery.outcomes import decide, rules_from_config
+from relay.ops.cli.common import config_option, fail, load_config
+from relay.queue import db
+from relay.queue.access import MessageView, Queue, QueueError, Selector
 
 STATES = tuple(s.value for s in MessageState)
 BOUNCE_LEASE = 300.0  # seconds an operator bounce holds its message

@@ -1,0 +1,46 @@
+"""What every `relay` command shares: `-c/--config`, config lookup, the one-line failure.
+
+Owns turning a config problem or an operational error into stderr lines and
+exit 1. Refuses everything else; the command groups import it, never each other.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from relay.core import config as configuration
+from relay.core.config import Config, ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+def fail(message: str) -> NoReturn:
+    """One clear line on stderr, exit 1."""
+    click.echo(f"relay: {message}", err=True)
+    sys.exit(1)
+
+
+def config_option(func: F) -> F:
+    """`-c/--config`, accepted on the group and on every command."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        metavar="PATH",
+        default=None,
+        help="config file (default: $RELAY_CONFIG, else config/relay.toml, else built-ins)",
+    )(func)
+
+
+def load_config(ctx: click.Context, path: str | None) -> Config:
+    """The config named after the command words wins over one named before them."""
+    chosen = path or (ctx.find_root().obj or {}).get("config_path")
+    try:
+        return configuration.load(chosen)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
