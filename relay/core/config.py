@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from relay.core.address import AddressError, destination_key, parse_domain
+
 DEFAULT_PATH = Path("config/relay.toml")
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -293,16 +295,23 @@ class Config(_Section):
     @field_validator("domains")
     @classmethod
     def _domain_names(cls, value: dict[str, DomainConfig]) -> dict[str, DomainConfig]:
+        """Either spelling of a domain (`bücher.test`, `xn--bcher-kva.test`) is
+        accepted; it is stored under its A-label key, as the queue stores it."""
         out: dict[str, DomainConfig] = {}
         for name, domain in value.items():
-            key = name.strip().rstrip(".").lower()
-            if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", key) or "." not in key:
-                raise ValueError(f"{name!r} is not a domain name")
-            out[key] = domain
+            try:
+                parsed = parse_domain(name)
+            except AddressError as exc:
+                raise ValueError(str(exc)) from None
+            if parsed.is_literal or "." not in parsed.key:
+                raise ValueError(f"{name!r} is not a domain name: needs a dot, no brackets")
+            if parsed.key in out:
+                raise ValueError(f"{name!r} is configured twice (as {parsed.key})")
+            out[parsed.key] = domain
         return out
 
     def domain(self, name: str) -> DomainConfig | None:
-        return self.domains.get(name.lower().rstrip("."))
+        return self.domains.get(destination_key(name))
 
 
 class ConfigError(Exception):

@@ -56,6 +56,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from relay.core.address import AddressError, parse_domain
 from relay.core.model import Hop
 
 __all__ = ["DnsResolver", "Identity", "NoRoute", "Resolver", "Route", "parse_next_hop"]
@@ -238,10 +239,14 @@ class DnsResolver:
     # --------------------------------------------------------------- MX
 
     async def _route_mx(self, domain: str) -> Route | NoRoute:
-        display = domain.strip().rstrip(".").lower()
-        name = _absolute(display)
-        if name is None or not display:
+        try:
+            parsed = parse_domain(domain)  # either spelling: the lookup is by A-label
+        except AddressError:
+            parsed = None
+        name = None if parsed is None or parsed.is_literal else _absolute(parsed.key)
+        if parsed is None or name is None:
             return NoRoute(True, f"bad destination domain {domain!r}", "5.1.2")
+        display = parsed.key
         mx = await self._query(name, dns.rdatatype.MX)
         if mx.kind == "nxdomain":
             return NoRoute(True, f"domain {display} not found (NXDOMAIN)", "5.1.2")

@@ -36,6 +36,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from ulid import ULID
 
+from relay.core.address import destination_key
 from relay.core.model import MessageState, RecipientStatus
 from relay.queue.schema import (
     bodies,
@@ -59,7 +60,7 @@ def new_queue_id() -> str:
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
+    return destination_key(address.rpartition("@")[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +198,7 @@ class Selector:
         if self.ids:
             clauses.append(messages.c.id.in_(self.ids))
         if self.domain:
-            clauses.append(messages.c.destination == self.domain.lower().rstrip("."))
+            clauses.append(messages.c.destination == destination_key(self.domain))
         if self.everything:
             return True
         if not clauses:
@@ -930,7 +931,7 @@ class Queue:
             elif selector.domain:
                 conn.execute(
                     delete(destinations).where(
-                        destinations.c.name == selector.domain.lower().rstrip(".")
+                        destinations.c.name == destination_key(selector.domain)
                     )
                 )
             return conn.execute(
@@ -1005,7 +1006,7 @@ class Queue:
     def list(self, domain: str = "", state: str = "", ids: Sequence[str] = ()) -> list[MessageView]:
         query = select(messages).order_by(messages.c.id)
         if domain:
-            query = query.where(messages.c.destination == domain.lower().rstrip("."))
+            query = query.where(messages.c.destination == destination_key(domain))
         if state:
             query = query.where(messages.c.state == state)
         if ids:

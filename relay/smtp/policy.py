@@ -8,6 +8,8 @@ refused as relay attempts exactly like a foreign domain (Postfix with
 `allow_untrusted_routing = no`). Also owns splitting an SMTP path from its
 parameters, and re-reading a recipients file when it changes.
 
+Parsing domains and addresses is `relay.core.address`'s; matching is on the
+A-label form, so either spelling of a hosted domain is the same domain.
 Refuses I/O beyond an occasional `os.stat` and reading a changed recipients
 file, and refuses SMTP protocol state: `smtpd.py` decides when to ask and
 what else to check (SMTPUTF8, limits, syntax of parameters).
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relay.core.address import AddressError, destination_key, host_key, parse_address
 from relay.core.config import Config, DomainConfig
 from relay.core.model import Reply
 
@@ -33,8 +36,6 @@ _ROUTING_CHARS = frozenset('%!@"')
 # RFC 5321 atext plus "." (a dot-string); "%" and "!" are caught first above.
 # Non-ASCII is allowed here: smtpd checks SMTPUTF8 before asking us.
 _LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\x80-\U0010ffff]+")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3, without the angle brackets' slack
@@ -96,33 +97,21 @@ def sender_address(path: str) -> str:
             raise PathSyntaxError("source route without ':'")
     if not path:
         return ""
-    local, at, domain = path.rpartition("@")
-    if not at or not local or not domain or not _valid_domain(domain):
-        raise PathSyntaxError("sender must be local@domain")
+    try:
+        address = parse_address(path)
+    except AddressError as exc:
+        raise PathSyntaxError(f"sender must be local@domain: {exc}") from None
+    local = address.local
     if " " in path and not (local.startswith('"') and local.endswith('"')):
         raise PathSyntaxError("space in sender")
     return path
 
 
-def _valid_domain(domain: str) -> bool:
-    if domain.startswith("[") and domain.endswith("]"):
-        return len(domain) > 2 and " " not in domain  # address literal
-    return domain_key(domain) is not None
-
-
-def domain_key(domain: str) -> str | None:
-    """The name a domain is configured under: lower case, one trailing dot
-    dropped, U-labels as A-labels. None when it is not a syntactically valid
-    host name (so it can never match a hosted domain)."""
-    name = domain[:-1] if domain.endswith(".") else domain
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    if len(name) > 253 or not _DOMAIN_RE.fullmatch(name):
-        return None
-    return name.lower()
+def entry_key(entry: str) -> str:
+    """A recipients-list entry as RCPT TO is matched against it: lower case,
+    the domain of `local@domain` and `@domain` entries in A-label form."""
+    local, at, domain = entry.lower().rpartition("@")
+    return f"{local}@{destination_key(domain)}" if at else entry.lower()
 
 
 def relay_denied(path: str) -> Reply:
@@ -195,7 +184,7 @@ class RecipientFile:
         for line in text.splitlines():
             words = line.split(None, 1)
             if words and not words[0].startswith("#"):
-                entries.add(words[0].lower())
+                entries.add(entry_key(words[0]))
         if self._error is not None or self._signature is not None:
             log.info("recipients_file %s reloaded: %d entries", self.path, len(entries))
         self._entries = frozenset(entries)
@@ -240,11 +229,11 @@ class Policy:
             RecipientFile(domain.recipients_file, recheck_interval=interval, monotonic=monotonic)
             if domain.recipients_file else None
         )
-        return _Domain(name, frozenset(e.lower() for e in domain.recipients), file)
+        return _Domain(name, frozenset(entry_key(e) for e in domain.recipients), file)
 
     def hosted(self, domain: str) -> str | None:
         """The configured name of `domain` if we relay for it, else None."""
-        key = domain_key(domain)
+        key = host_key(domain)
         return key if key is not None and key in self._domains else None
 
     def check_recipient(self, path: str) -> Reply | None:

@@ -76,12 +76,13 @@ from typing import Any, Protocol, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail
 
 from relay.core import maillog
+from relay.core.address import host_key
 from relay.core.clock import Clock
 from relay.core.config import Config
 from relay.queue.access import NewMessage
 from relay.smtp.data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
 from relay.smtp.limits import ClientLimits
-from relay.smtp.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path
+from relay.smtp.policy import PathSyntaxError, Policy, sender_address, split_path
 
 log = logging.getLogger("relay.smtp.server")
 
@@ -805,7 +806,7 @@ class RelaySMTP(SMTP):
             return
         node = (arg or "").strip()
         name = node[1:] if node[:1] in ("@", "#") else node
-        if not name.isascii() or domain_key(name) is None:
+        if host_key(name) is None:  # either spelling: U-labels arrive as UTF-8
             await self.push("501 5.5.4 Syntax: ETRN <domain>")
             return
         if not shared.etrn_allowed(self.client_ip):

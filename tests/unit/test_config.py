@@ -124,3 +124,25 @@ def test_reference_deployment_names() -> None:
     assert hektor.node.hostname == "mail.verrotech.net"
     assert norwich.node.hostname == "mail.noc.verrotech.com"
     assert "verrotech.com" in hektor.domains and "verrotech.com" in norwich.domains
+
+
+@pytest.mark.parametrize("name", ["bücher.test", "xn--bcher-kva.test", "BÜCHER.Test."])
+def test_an_idn_domain_is_configured_in_either_spelling(name: str) -> None:
+    cfg = config.from_mapping({"domains": {name: {"next_hop": "[127.0.0.2]:25"}}}, env={})
+    assert list(cfg.domains) == ["xn--bcher-kva.test"]
+    for spelling in ("bücher.test", "XN--BCHER-KVA.test.", "Bücher.test"):
+        found = cfg.domain(spelling)
+        assert found is not None and found.next_hop == "[127.0.0.2]:25"
+
+
+@pytest.mark.parametrize(
+    ("domains", "problem"),
+    [({"a..b": {}}, "'a..b' is not a domain name: empty label"),
+     ({"bü_cher.test": {}}, "'bü_cher.test' is not a domain name"),
+     ({"[192.0.2.1]": {}}, "needs a dot, no brackets"),
+     ({"bücher.test": {}, "xn--bcher-kva.test": {}}, "configured twice")],
+)
+def test_bad_domain_keys_are_named(domains: dict[str, object], problem: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_mapping({"domains": domains}, env={})
+    assert problem in str(caught.value)

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.core import config as config_module
+from relay.core.address import host_key
 from relay.smtp.policy import (
     PathSyntaxError,
     Policy,
     RecipientFile,
     RecipientsUnavailable,
-    domain_key,
     sender_address,
     split_path,
 )
@@ -99,8 +99,8 @@ def test_sender_address_rejects(path: str) -> None:
      ("bücher.example", "xn--bcher-kva.example"), ("verrotech.com..", None), ("a..b", None),
      ("[127.0.0.1]", None), ("-a.example", None), ("", None)],
 )
-def test_domain_key(domain: str, key: str | None) -> None:
-    assert domain_key(domain) == key
+def test_host_key(domain: str, key: str | None) -> None:
+    assert host_key(domain) == key
 
 
 # -- check_recipient ------------------------------------------------------------
@@ -255,7 +255,7 @@ _PATHS = st.one_of(
 
 def _acceptable(path: str) -> bool:
     local, at, domain = path.rpartition("@")
-    return bool(at and _SAFE_LOCAL.fullmatch(local)) and domain_key(domain) in HOSTED
+    return bool(at and _SAFE_LOCAL.fullmatch(local)) and host_key(domain) in HOSTED
 
 
 @settings(max_examples=500, deadline=None)
@@ -269,3 +269,19 @@ def test_fuzz_never_accepts_a_relay(path: str) -> None:
 
 _FUZZ_POLICY = Policy(config_module.from_mapping(
     {"domains": {"verrotech.org": {}, "xn--bcher-kva.example": {}}}, env={}))
+
+
+def test_recipient_lists_match_either_spelling_of_an_idn_domain(tmp_path: Path) -> None:
+    listed = tmp_path / "listed.txt"
+    listed.write_text("Eve@XN--BCHER-KVA.test\n")
+    cfg = config_module.from_mapping({"domains": {
+        "bücher.test": {"recipients": ["uni@bücher.test"],
+                        "recipients_file": str(listed)},
+    }}, env={}, base=tmp_path)
+    policy = Policy(cfg)
+    assert policy.hosted("BÜCHER.test.") == policy.hosted("xn--bcher-kva.test") \
+        == "xn--bcher-kva.test"
+    for path in ("uni@bücher.test", "UNI@xn--bcher-kva.test", "eve@Bücher.Test",
+                 "eve@xn--bcher-kva.test"):
+        assert policy.check_recipient(path) is None, path
+    assert policy.check_recipient("zoe@bücher.test").code == 550  # type: ignore[union-attr]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -31,6 +30,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from relay.core.address import AddressError, parse_domain
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config
 from relay.core.model import MessageState
@@ -41,7 +41,6 @@ from relay.queue.access import MessageView, Queue, QueueError, Selector
 
 STATES = tuple(s.value for s in MessageState)
 BOUNCE_LEASE = 300.0  # seconds an operator bounce holds its message
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 clock: Clock = SystemClock()  # the one source of "now"; tests may replace it
 
@@ -50,28 +49,14 @@ clock: Clock = SystemClock()  # the one source of "now"; tests may replace it
 
 
 def valid_domain(name: str) -> str | None:
-    """The domain as the queue stores it (lower case, no final dot), or None if malformed.
-
-    Accepts LDH labels, internationalised labels that IDNA can encode, and
-    address literals (`[192.0.2.1]`, `[IPv6:...]`).
+    """The domain as the queue stores it (A-label form, lower case, no final
+    dot), or None if malformed. Either spelling of an internationalised domain
+    is accepted; address literals (`[192.0.2.1]`, `[IPv6:...]`) are kept as given.
     """
-    domain = name.strip().lower().rstrip(".")
-    if not domain or len(domain) > 253:
+    try:
+        return parse_domain(name).key
+    except AddressError:
         return None
-    if domain.startswith("[") and domain.endswith("]"):
-        return domain if re.fullmatch(r"\[[0-9a-z:.]+\]", domain) else None
-    for label in domain.split("."):
-        if label.isascii():
-            if not _LABEL.fullmatch(label):
-                return None
-            continue
-        try:
-            ace = label.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-        if not _LABEL.fullmatch(ace):
-            return None
-    return domain
 
 
 def iso(when: datetime | None) -> str | None:
