@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, insert, inspect, select, text
 
 from relay.queue import db
 from relay.queue.access import NewMessage, Queue, Selector
-from relay.queue.schema import bodies, messages, metadata
+from relay.queue.schema import bodies, destinations, messages, metadata
 from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -197,3 +197,42 @@ def test_create_all_schema_counts_too(make_engine: Callable[[], Engine]) -> None
         metadata.drop_all(conn)
     assert tables(engine) == set()
     assert triggers(engine) == {}
+
+
+def put_destination(engine: Engine, name: str, up: bool) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(destinations), [{"name": name, "up": up, "failures": 0 if up else 3,
+                                             "retry_at": None, "last_error": "",
+                                             "updated_at": T0}])
+
+
+def test_upgrade_rewrites_u_label_destinations_as_a_labels(
+        make_engine: Callable[[], Engine]) -> None:
+    engine = make_engine()
+    migrate(engine, "upgrade", "0003")
+    put_raw(engine, [("01", "bücher.test", "deferred"), ("02", "bücher.test", "hold"),
+                     ("03", "xn--bcher-kva.test", "deferred"), ("04", "BÜCHER.test", "active"),
+                     ("05", "verrotech.com", "deferred"), ("06", "[192.0.2.1]", "deferred")])
+    put_destination(engine, "bücher.test", up=False)
+    put_destination(engine, "xn--bcher-kva.test", up=True)  # its twin: the old one goes
+    put_destination(engine, "straße.test", up=False)
+    assert counted(engine)[("bücher.test", "deferred")] == 1
+    migrate(engine, "upgrade", "head")
+
+    assert counted(engine) == truth(engine) == {
+        ("xn--bcher-kva.test", "deferred"): 2, ("xn--bcher-kva.test", "hold"): 1,
+        ("xn--bcher-kva.test", "active"): 1, ("verrotech.com", "deferred"): 1,
+        ("[192.0.2.1]", "deferred"): 1}
+    with engine.connect() as conn:
+        assert dict(conn.execute(select(destinations.c.name, destinations.c.up)).all()) == {
+            "xn--bcher-kva.test": True, "xn--strae-oqa.test": False}
+        leftovers = conn.execute(text(
+            "SELECT count(*) FROM queue_counts WHERE destination LIKE '%ü%'")).scalar_one()
+    assert leftovers == 0
+    queue = Queue(engine)
+    assert [m.id for m in queue.list(domain="bücher.test")] == ["01", "02", "03", "04"]
+    assert [m.id for m in queue.list(domain="xn--bcher-kva.test")] == ["01", "02", "03", "04"]
+    # the triggers carry on under the new name
+    queue.delete(Selector(domain="BÜCHER.test"))
+    assert counted(engine) == truth(engine)
+    assert set(truth(engine)) == {("verrotech.com", "deferred"), ("[192.0.2.1]", "deferred")}
