@@ -647,7 +647,10 @@ class RelaySMTP(SMTP):
             reason = _POLICY_REASONS.get(verdict.code, "recipient")
             await self._refuse(reason, "RCPT", str(verdict), sender, path)
             return
-        key = path.lower()
+        local, _, domain = path.rpartition("@")
+        if domain.endswith("."):  # the policy allowed one final dot; next hops may not
+            path = path[:-1]
+        key = f"{local.lower()}@{host_key(domain)}"  # either spelling of a domain is one
         if key not in envelope.rcpt_keys:  # the same mailbox twice is delivered once
             envelope.rcpt_keys.add(key)
             envelope.rcpt_tos.append(path)

@@ -1128,3 +1128,29 @@ def test_fuzz_rcpt_never_relays(tmp_path: Path) -> None:
                 assert answer[:1] in "45", answer
 
         check()
+
+
+# -- internationalised domains: one domain whatever the spelling ------------------------
+
+
+@pytest.mark.parametrize("configured", ["bücher.test", "xn--bcher-kva.test"])
+async def test_an_idn_domain_is_queued_and_flushed_under_its_a_label(
+        start: StartRelay, configured: str) -> None:
+    relay = await start(smtp={"etrn_clients": ["127.0.0.0/8"]}, domains={configured: {}})
+    client = await relay.client()
+    await client.cmd("MAIL FROM:<a@sender.example> SMTPUTF8")
+    for rcpt in ("uni@bücher.test", "UNI@XN--BCHER-KVA.test", "eva@Bücher.Test."):
+        assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
+    await client.cmd("DATA")
+    await client.send(BODY + b".\r\n")
+    assert (await client.reply()).code == 250
+    [row] = relay.rows()
+    assert row.destination == "xn--bcher-kva.test"
+    # one mailbox in two spellings is one recipient; the final dot is not passed on
+    assert relay.recipients_of(row.id) == ["uni@bücher.test", "eva@Bücher.Test"]
+    for node in ("bücher.test", "@XN--BCHER-KVA.TEST"):
+        assert (await client.cmd(f"ETRN {node}")).last == (
+            f"250 2.0.0 Queuing for node {node} started")
+    assert relay.etrn_calls == ["xn--bcher-kva.test", "xn--bcher-kva.test"]
+    assert (await client.cmd("ETRN bü_cher.test")).last == "501 5.5.4 Syntax: ETRN <domain>"
+    await client.close()
