@@ -16,7 +16,8 @@ from collections.abc import Callable
 from relay.core.clock import Clock
 from relay.core.config import Config
 from relay.smtp.policy import Policy
-from relay.smtp.server import OnEtrn, RelaySMTP, Shared, SmtpMetrics, SmtpStats, Submit
+from relay.smtp.server import RelaySMTP
+from relay.smtp.shared import OnEtrn, Shared, SmtpMetrics, SmtpStats, Submit
 
 
 class Listeners:

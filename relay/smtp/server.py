@@ -7,43 +7,12 @@ replies of the connection and message-rate limits, command and DATA
 timeouts, STARTTLS, ETRN, and the rule that `250 ... queued as ID` is said
 only after `submit` has returned, i.e. after the message is durably committed.
 
-Refuses: deciding which addresses are valid (`policy.py`), counting clients
-against the limits (`smtp_limits.py`), binding sockets and the order of a
-shutdown (`listeners.py`), storing anything itself (the `submit` callable
-does), AUTH (we never authenticate anyone), VRFY/EXPN (no address
+Refuses: deciding which addresses are valid (`policy.py`), the wording of
+replies and the Received header (`replies.py`), what sessions share
+(`shared.py`), counting clients against the limits (`limits.py`), binding
+sockets and the order of a shutdown (`listeners.py`), storing anything
+itself (the `submit` callable does), AUTH (we never authenticate anyone), VRFY/EXPN (no address
 harvesting), and reverse DNS (the Received header says `unknown`).
-
-Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
-
-* end of data, too big: `552 5.3.4 Message size exceeds fixed limit`
-* end of data, a line over 998 octets: `554 5.6.0 Error: message line longer
-  than 998 octets` (500 is not a valid answer to the end of data, RFC 5321
-  4.3.2; 554 is "transaction failed")
-* end of data, a NUL byte: `554 5.6.0 Error: NUL byte in message data`
-* end of data, bare CR or LF: `550 5.5.2 Error: bare <CR> or <LF> in message
-  data`; all of these are answered only after the terminating `.`, and the
-  session goes on
-* storage failure: `451 4.3.0 Error: queue file write error`
-* ETRN: `250 2.0.0 Queuing for node D started`; `459 4.7.1 Node D not
-  allowed: access denied` for clients outside `smtp.etrn_clients`; `458 4.1.0
-  Unable to queue messages for node D: not a hosted domain`; `501 5.5.4
-  Syntax: ETRN <domain>`. `@domain` is taken as `domain`; `#queue` gets the 458.
-* timeouts: `421 4.4.2 <hostname> Error: timeout exceeded`, then close;
-  `command_timeout`/`data_timeout` of 0 mean "no timeout". `data_timeout` is
-  an idle timeout: a client that sends nothing for that long inside DATA is
-  dropped (a slow but steady client is not).
-* shutdown (`Listeners.close()`): `421 4.3.2 <hostname> Service shutting down`
-  to idle sessions at once, and to sessions receiving or storing a message
-  right after that message's reply. Once `smtp.shutdown_grace` has passed
-  (`Listeners.stop_receiving()`), a session still receiving hears the 421
-  mid-DATA and is closed: its message was never acknowledged, so its client
-  sends it again later; one storing a message still hears its reply.
-* connection limits, in the greeting: `421 4.7.0 <hostname> Error: too many
-  connections from <ip>` (for the per-IP and the total limit alike)
-* a non-ASCII address without `SMTPUTF8` in MAIL: `553 5.6.7 Error: non-ASCII
-  address without SMTPUTF8` (RFC 6531 3.5); bytes that are not UTF-8: 501
-* `RCPT TO:<postmaster>` without a domain is a relay attempt like any other
-  (we deliver nothing locally).
 
 Built on aiosmtpd 1.4's command loop; besides its documented hooks we override
 `_handle_client` (refusing greeting), `_timeout_cb` (idle timeout in DATA, 421
@@ -60,250 +29,40 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import email.utils
 import functools
-import inspect
-import ipaddress
 import logging
-import re
-import ssl
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import cast
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail
+from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, login_always_fail
 
 from relay.core import maillog
 from relay.core.address import host_key
-from relay.core.clock import Clock
-from relay.core.config import Config
 from relay.queue.access import NewMessage
-from relay.smtp.data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
-from relay.smtp.limits import ClientLimits
-from relay.smtp.policy import PathSyntaxError, Policy, sender_address, split_path
+from relay.smtp.data import TOO_BIG, DataReceiver, give_back
+from relay.smtp.policy import PathSyntaxError, sender_address, split_path
+from relay.smtp.replies import (
+    BARE_CR_LF,
+    DATA_PROBLEMS,
+    INTERNAL_ERROR,
+    MAX_HOPS,
+    NUL_BYTE,
+    POLICY_REASONS,
+    STORAGE_FAILED,
+    TOO_MANY_HOPS,
+    count_received,
+    enhance,
+    printable,
+    received_header,
+    valid_utf8,
+)
+from relay.smtp.shared import Shared, client_ip
 
 log = logging.getLogger("relay.smtp.server")
 
-Submit = Callable[[NewMessage], Awaitable[None]]
-OnEtrn = Callable[[str], Awaitable[object]]
-
 IDENT = "ESMTP mx-relay"
-MAX_HOPS = 50
-NO_TIMEOUT = 10.0**9  # what a configured timeout of 0 means
-
-BARE_CR_LF = "550 5.5.2 Error: bare <CR> or <LF> in message data"
-NUL_BYTE = "554 5.6.0 Error: NUL byte in message data"
-TOO_MANY_HOPS = "554 5.4.6 Too many hops"
-STORAGE_FAILED = "451 4.3.0 Error: queue file write error"
-INTERNAL_ERROR = "451 4.3.0 Error: internal error"
 _WHOLE_BUFFER = sys.maxsize  # a read() this large empties the StreamReader's buffer
-
-_DATA_PROBLEMS = {
-    TOO_BIG: "message_size",
-    LINE_TOO_LONG: "line_too_long",
-    BARE_CR_LF: "bare_cr_lf",
-    NUL_BYTE: "nul_byte",
-    TOO_MANY_HOPS: "hops",
-}
-_POLICY_REASONS = {554: "relay_denied", 550: "unknown_recipient", 451: "lookup_failure",
-                   501: "recipient_syntax"}
-
-# Each "Received:" line of the header section; the search starts at the LF
-# that ends our own Received header, so a literal "\n" leads the pattern.
-_RECEIVED_RE = re.compile(rb"\n(?i:received)[ \t]*:")
-_ENHANCED_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
-# Enhanced codes for aiosmtpd's own replies that lack one (RFC 3463 classes).
-_ENHANCED_DEFAULTS = {
-    451: "4.3.0", 452: "4.3.1", 454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1",
-    503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 552: "5.3.4", 553: "5.1.3", 554: "5.7.0",
-    555: "5.5.4",
-}
-_ENHANCED_2XX = {"220 Ready to start TLS": "220 2.0.0 Ready to start TLS"}
-_NOT_PRINTABLE = re.compile(r"[^!-~]")
-
-
-def enhance(status: str) -> str:
-    """Give a stock aiosmtpd reply an enhanced status code (RFC 2034).
-
-    Our own replies already carry one. The greeting, EHLO/HELO lines and 354
-    must not (RFC 2034 section 3), so only 4xx/5xx and known 2xx texts change.
-    """
-    if len(status) < 4 or not status[:3].isdigit():
-        return status
-    if status[0] not in "45":
-        return _ENHANCED_2XX.get(status, status)
-    text = status[4:]
-    if _ENHANCED_RE.match(text):
-        return status
-    code = int(status[:3])
-    return f"{status[:4]}{_ENHANCED_DEFAULTS.get(code, f'{status[0]}.0.0')} {text}"
-
-
-def client_ip(peer: object) -> str:
-    """The client's IP as text; IPv4-mapped IPv6 addresses as plain IPv4."""
-    if not isinstance(peer, tuple) or not peer:
-        return "unknown"
-    return _normal_ip(str(peer[0]))
-
-
-@functools.lru_cache(maxsize=4096)
-def _normal_ip(host: str) -> str:
-    """`client_ip` for a peer host; cached, as busy senders connect again and
-    again from the same few addresses and parsing one is not free."""
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def _printable(text: str, limit: int = 255) -> str:
-    """Client-supplied text made safe for a header: printable ASCII, bounded."""
-    return _NOT_PRINTABLE.sub("?", text[:limit]) or "unknown"
-
-
-def _valid_utf8(text: str) -> bool:
-    """False when the client sent bytes that are not UTF-8 (decoded as surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class SmtpMetrics(Protocol):
-    """What we report to `relay.ops.metrics.Metrics` (relay_smtp_*)."""
-
-    def accepted(self, messages: int = 1) -> None: ...
-    def rejected(self, reason: str) -> None: ...
-    def session_started(self) -> None: ...
-    def session_ended(self) -> None: ...
-
-
-@dataclass
-class SmtpStats:
-    """Counters for the metrics endpoint (relay_smtp_*)."""
-
-    accepted: int = 0
-    rejections: collections.Counter[str] = field(default_factory=collections.Counter)
-
-
-class Shared:
-    """What every session of every listener shares: config, limits, bookkeeping."""
-
-    def __init__(
-        self, config: Config, policy: Policy, submit: Submit, id_factory: Callable[[], str],
-        clock: Clock, on_etrn: OnEtrn | None, tls_context: ssl.SSLContext | None,
-        loop: asyncio.AbstractEventLoop, metrics: SmtpMetrics | None,
-    ) -> None:
-        smtp = config.smtp
-        self.config = config
-        self.hostname = config.node.hostname
-        self.shutting_down = f"421 4.3.2 {self.hostname} Service shutting down"
-        self.policy = policy
-        self.submit = submit
-        self.id_factory = id_factory
-        self.clock = clock
-        self.on_etrn = on_etrn
-        self.tls_context = tls_context
-        self.loop = loop
-        self.max_size = smtp.max_message_size
-        self.command_timeout = smtp.command_timeout or NO_TIMEOUT
-        self.data_timeout = smtp.data_timeout or NO_TIMEOUT
-        self.etrn_networks = tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients)
-        self.handler = RelayHandler()  # stateless: one for every session
-        self.handle_hooks = handle_hooks(self.handler)
-        self.ehlo_hook_version = ehlo_hook_version(self.handle_hooks)
-        self.stats = SmtpStats()
-        self.metrics = metrics
-        self.closing = False
-        self.protocols: set[RelaySMTP] = set()  # every live connection, refused ones too
-        self.limits = ClientLimits(smtp.max_connections, smtp.max_connections_per_ip,
-                                   smtp.max_messages_per_ip_per_minute, clock)
-        self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def reject(self, reason: str) -> None:
-        self.stats.rejections[reason] += 1
-        if self.metrics is not None:
-            self.metrics.rejected(reason)
-
-    def accepted(self) -> None:
-        self.stats.accepted += 1
-        if self.metrics is not None:
-            self.metrics.accepted()
-
-    def admit(self, proto: RelaySMTP) -> str | None:
-        """Count a new connection in, or return the 421 greeting that refuses it."""
-        self.protocols.add(proto)
-        self.idle.clear()
-        ip = proto.client_ip
-        if self.closing:
-            return self.shutting_down
-        if not self.limits.connect(ip):
-            self.reject("connection_limit")
-            return f"421 4.7.0 {self.hostname} Error: too many connections from {ip}"
-        proto.admitted = True
-        if self.metrics is not None:
-            self.metrics.session_started()
-        return None
-
-    def release(self, proto: RelaySMTP) -> None:
-        """Forget a closed connection (safe to call twice)."""
-        if proto not in self.protocols:
-            return
-        self.protocols.discard(proto)
-        if proto.admitted:
-            self.limits.disconnect(proto.client_ip)
-            if self.metrics is not None:
-                self.metrics.session_ended()
-        self.keep(proto.handler_task)
-        if not self.protocols:
-            self.idle.set()
-
-    def keep(self, future: asyncio.Future[Any] | None) -> None:
-        """Remember a task that must finish before wait_closed() returns."""
-        if future is None or future.done():
-            return
-        self.finishing.add(future)
-        future.add_done_callback(self._finished)
-
-    def _finished(self, future: asyncio.Future[Any]) -> None:
-        self.finishing.discard(future)
-        if not future.cancelled():
-            future.exception()  # retrieved: the session logged it if it still cared
-
-    def etrn_allowed(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self.etrn_networks)
-
-    async def store(self, message: NewMessage) -> None:
-        """Submit, shielded: a client hanging up must not cut a commit in half."""
-        task = asyncio.ensure_future(self.submit(message))
-        self.keep(task)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(functools.partial(_orphan_outcome, message.id))
-            raise
-
-
-def _orphan_outcome(queue_id: str, task: asyncio.Future[None]) -> None:
-    """Log how a commit ended whose client left before hearing the answer."""
-    if task.cancelled() or task.exception() is not None:
-        log.warning("%s: client went away during the commit, which failed; nothing kept",
-                    queue_id)
-    else:
-        log.warning("%s: client went away during the commit, which succeeded; it will be "
-                    "delivered, and a retry by the client will duplicate it", queue_id)
 
 
 class RelayEnvelope(Envelope):
@@ -313,42 +72,6 @@ class RelayEnvelope(Envelope):
         super().__init__()
         self.body_8bitmime = False
         self.rcpt_keys: set[str] = set()
-
-
-class RelayHandler:
-    """aiosmtpd hooks for the replies that have a hook: EHLO, NOOP, RSET, QUIT."""
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname  # the "new" hook form leaves this to us
-        assert isinstance(server, RelaySMTP)
-        return server.ehlo_lines()
-
-    async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope,
-                          arg: str) -> str:
-        return "250 2.0.0 Ok"
-
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return "250 2.0.0 Ok"
-
-    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return "221 2.0.0 Bye"
-
-
-def handle_hooks(handler: object) -> dict[str, Callable[..., Any]]:
-    """The handler's `handle_*` hooks by verb, as aiosmtpd's SMTP.__init__ finds them."""
-    return {name.replace("handle_", ""): getattr(handler, name)
-            for name in dir(handler) if name.startswith("handle_")}
-
-
-def ehlo_hook_version(hooks: dict[str, Callable[..., Any]]) -> str:
-    """aiosmtpd's `_ehlo_hook_ver`: the 5-argument ("new") handle_EHLO is the one
-    whose returned lines replace the stock EHLO reply."""
-    if len(inspect.signature(hooks["EHLO"]).parameters) != 5:
-        raise TypeError("handle_EHLO must take (server, session, envelope, hostname, responses)")
-    return "new"
 
 
 @functools.cache
@@ -590,7 +313,7 @@ class RelaySMTP(SMTP):
         if size > self._shared.max_size:
             await self._refuse("message_size", "MAIL", TOO_BIG, sender)
             return
-        if not _valid_utf8(sender):
+        if not valid_utf8(sender):
             await self.push("501 5.1.7 Bad sender address syntax")
             return
         if not smtputf8 and not sender.isascii():
@@ -634,7 +357,7 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: RCPT TO:<address>" if not self.session.extended_smtp
                             else f"555 5.5.4 Unsupported option: {params[0].partition('=')[0]}")
             return
-        if not _valid_utf8(path):
+        if not valid_utf8(path):
             await self._refuse("recipient_syntax", "RCPT",
                                "501 5.1.3 Bad recipient address syntax", sender)
             return
@@ -644,7 +367,7 @@ class RelaySMTP(SMTP):
             return
         verdict = self._shared.policy.check_recipient(path)
         if verdict is not None:
-            reason = _POLICY_REASONS.get(verdict.code, "recipient")
+            reason = POLICY_REASONS.get(verdict.code, "recipient")
             await self._refuse(reason, "RCPT", str(verdict), sender, path)
             return
         local, _, domain = path.rpartition("@")
@@ -685,7 +408,7 @@ class RelaySMTP(SMTP):
             if problem is None:
                 reply = await self._accept(envelope, blocks)
             else:
-                await self._refuse(_DATA_PROBLEMS[problem], "DATA", problem,
+                await self._refuse(DATA_PROBLEMS[problem], "DATA", problem,
                                    envelope.mail_from or "", ",".join(envelope.rcpt_tos))
                 reply = ""
             self._set_post_data_state()
@@ -746,12 +469,12 @@ class RelaySMTP(SMTP):
             problem = BARE_CR_LF
         elif data.find(b"\x00", start) >= 0:
             problem = NUL_BYTE
-        elif _count_received(data, start) > MAX_HOPS:
+        elif count_received(data, start) > MAX_HOPS:
             problem = TOO_MANY_HOPS
         sender = envelope.mail_from or ""
         recipients = tuple(envelope.rcpt_tos)
         if problem is not None:
-            await self._refuse(_DATA_PROBLEMS[problem], "DATA", problem, sender,
+            await self._refuse(DATA_PROBLEMS[problem], "DATA", problem, sender,
                                ",".join(recipients))
             return ""
         assert self.session is not None
@@ -762,7 +485,7 @@ class RelaySMTP(SMTP):
             data=data,
             received_at=now,
             client_address=self.client_ip,
-            client_helo=_printable(self.session.host_name or ""),
+            client_helo=printable(self.session.host_name or ""),
             smtputf8=envelope.smtp_utf8,
             eightbit=envelope.body_8bitmime or not data.isascii(),
         )
@@ -782,21 +505,12 @@ class RelaySMTP(SMTP):
 
     def _received_header(self, envelope: RelayEnvelope, queue_id: str, now: datetime) -> bytes:
         assert self.session is not None
-        helo = _printable(self.session.host_name or "")
-        ip = self.client_ip
-        literal = f"IPv6:{ip}" if ":" in ip else ip
         if not self.session.extended_smtp:
             protocol = "SMTP"
         else:
             protocol = "ESMTPS" if self.session.ssl is not None else "ESMTP"
-        date = email.utils.format_datetime(now)
-        head = (f"Received: from {helo} (unknown [{literal}])\r\n"
-                f"\tby {self.hostname} (mx-relay) with {protocol} id {queue_id}")
-        if len(envelope.rcpt_tos) == 1:
-            tail = f"\r\n\tfor <{envelope.rcpt_tos[0]}>; {date}\r\n"
-        else:
-            tail = f";\r\n\t{date}\r\n"
-        return (head + tail).encode("utf-8")
+        return received_header(self.session.host_name or "", self.client_ip, self.hostname,
+                               protocol, queue_id, envelope.rcpt_tos, now)
 
     # -- ETRN (RFC 1985) -----------------------------------------------------
 
@@ -831,15 +545,3 @@ class RelaySMTP(SMTP):
             return
         log.info("ETRN %s from [%s]: queue flushed", domain, self.client_ip)
         await self.push(f"250 2.0.0 Queuing for node {node} started")
-
-
-def _count_received(data: bytes, start: int) -> int:
-    """Received: headers in the header section (stops counting past the limit)."""
-    end = data.find(b"\r\n\r\n", start - 2)
-    end = len(data) if end < 0 else end + 2
-    count = 0
-    for _ in _RECEIVED_RE.finditer(data, start - 1, end):
-        count += 1
-        if count > MAX_HOPS:
-            break
-    return count

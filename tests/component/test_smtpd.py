@@ -28,6 +28,7 @@ from relay.queue import db
 from relay.queue.access import NewMessage, Queue, QueueError
 from relay.queue.schema import messages, recipients
 from relay.smtp import server as smtpd
+from relay.smtp.data import LINE_TOO_LONG
 from relay.smtp.listeners import Listeners, start_listeners
 from relay.smtp.policy import Policy
 
@@ -662,7 +663,7 @@ async def test_the_tail_of_an_overlong_line_never_ends_the_data() -> None:
     assert not task.done()
     reader.feed_data(b"\r\nMAIL FROM:<evil@example>\r\n.\r\n")
     reader.feed_eof()
-    assert await task == ([], smtpd.LINE_TOO_LONG)
+    assert await task == ([], LINE_TOO_LONG)
     assert await reader.read() == b""  # all of it was data, up to the real end
 
 
