@@ -133,7 +133,10 @@ def parse_next_hop(value: str, default_port: int) -> tuple[str, int, bool]:
         return literal, port, True
     if ":" in host:
         raise ValueError(f"bad address in next_hop {value!r}")
-    return host.rstrip(".").lower(), port, False
+    try:
+        return parse_domain(host).key, port, False  # an IDN host is looked up by A-label
+    except AddressError as exc:
+        raise ValueError(f"bad host in next_hop {value!r}: {exc}") from None
 
 
 def _ip(text: str) -> str | None:

@@ -430,5 +430,8 @@ async def test_malformed_next_hop_defers_as_configuration_error(
 def test_parse_next_hop() -> None:
     assert parse_next_hop("[::1]:2525", 25) == ("::1", 2525, True)
     assert parse_next_hop(" Mail.Example.ORG. ", 25) == ("mail.example.org", 25, False)
+    assert parse_next_hop("MX.Bücher.test:2525", 25) == ("mx.xn--bcher-kva.test", 2525, False)
+    with pytest.raises(ValueError, match=r"bad host in next_hop 'mx\.\.example': .*empty label"):
+        parse_next_hop("mx..example", 25)
     with pytest.raises(ValueError):
         parse_next_hop("", 25)
