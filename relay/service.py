@@ -16,6 +16,7 @@ import os
 import signal
 from collections.abc import Callable
 
+from relay.cluster import notify
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config
 from relay.delivery.outcomes import rules_from_config
@@ -68,8 +69,13 @@ async def serve(
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
+    poll_interval: float | None = None,
 ) -> None:
-    """Run until `stop` is set (or SIGTERM/SIGINT arrive)."""
+    """Run until `stop` is set (or SIGTERM/SIGINT arrive).
+
+    `poll_interval`: how often the scheduler looks for due work unasked
+    (default: `Limits`'); wake-ups from other processes come at once anyway.
+    """
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
     _stop_on_signals(asyncio.get_running_loop(), stop)
@@ -99,6 +105,7 @@ async def serve(
             concurrency=config.delivery.concurrency,
             per_destination=config.delivery.per_destination_concurrency,
             log_retention=config.queue.log_retention,
+            **({} if poll_interval is None else {"poll_interval": poll_interval}),
         ),
         clock=clock,
         owner=config.node.hostname,
@@ -116,18 +123,27 @@ async def serve(
         stored.add_done_callback(queued)
         return stored
 
+    async def etrn(domain: str) -> int:
+        """ETRN wakes our scheduler, then the other nodes sharing the queue."""
+        count = await scheduler.flush_domain(domain)
+        if count and engine.dialect.name != "sqlite":  # SQLite has one node: this one
+            await asyncio.to_thread(notify.notify, engine)
+        return count
+
     listeners = await start_listeners(
         config,
         submit,
         id_factory=new_queue_id,
         clock=clock,
-        on_etrn=scheduler.flush_domain,
+        on_etrn=etrn,
         metrics=metrics,
     )
     http = None
     if config.metrics.address is not None:
         health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping)
         http = await start_http(config.metrics.address, metrics.registry, health)
+    wakeups = notify.listener(engine, scheduler.wake)  # a flush by `relay queue` wakes us
+    wakeups.start(asyncio.get_running_loop())
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     log.info(
         "mx-relay ready: smtp on %s, queue %s",
@@ -150,6 +166,7 @@ async def serve(
         scheduler_task.cancel()
         await asyncio.gather(scheduler_task, return_exceptions=True)
         await transport.close()
+        wakeups.close()
         if http is not None:
             http.close()
             await http.wait_closed()

@@ -17,7 +17,8 @@ from click.testing import CliRunner, Result
 
 from relay.core.clock import FakeClock
 from relay.core.model import RecipientStatus
-from relay.ops.cli import queue as cli_queue
+from relay.delivery import outcomes
+from relay.ops.cli import queue_select, queue_verbs, queue_views
 from relay.ops.cli.main import main_group
 from relay.ops.cli.queue import queue_group, valid_domain
 from relay.queue import db
@@ -53,7 +54,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCl
     monkeypatch.delenv("RELAY_CONFIG", raising=False)
     monkeypatch.delenv("RELAY_QUEUE_URL", raising=False)
     fake = FakeClock(NOW)
-    monkeypatch.setattr(cli_queue, "clock", fake)
+    monkeypatch.setattr(queue_select, "clock", fake)
     yield fake
 
 
@@ -531,7 +532,7 @@ def test_delete_without_a_terminal_and_without_yes_refuses(filled: Queue, cfg: P
 def test_delete_on_a_terminal_asks(
     filled: Queue, cfg: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_queue, "interactive", lambda: True)
+    monkeypatch.setattr(queue_verbs, "interactive", lambda: True)
     result = run("queue", "delete", "--domain", "other.example", "01DEF", "-c", str(cfg),
                  input="n\n")
     assert result.exit_code == 1
@@ -616,7 +617,7 @@ def test_bounce_gives_back_a_message_it_cannot_bounce(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise ValueError("cannot build a DSN\nsecond line")
 
-    monkeypatch.setattr(cli_queue, "decide", broken)
+    monkeypatch.setattr(outcomes, "decide", broken)
     result = run("queue", "bounce", "01DEF", "-c", str(cfg))
     assert one_error_line(result) == "relay: 01DEF: not bounced: cannot build a DSN"
     view = filled.show("01DEF")
@@ -704,7 +705,7 @@ def test_valid_domain(name: str, expected: str | None) -> None:
      (90061, "1d 1h"), (-5, "0s")],
 )
 def test_span(seconds: float, text: str) -> None:
-    assert cli_queue.span(seconds) == text
+    assert queue_views.span(seconds) == text
 
 
 def test_help_lists_every_command() -> None:
