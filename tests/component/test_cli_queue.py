@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from relay.cluster import notify
 from relay.core.clock import FakeClock
 from relay.core.model import RecipientStatus
 from relay.delivery import outcomes
@@ -28,6 +30,7 @@ from relay.queue.access import (
     NewMessage,
     Queue,
     RecipientUpdate,
+    Selector,
 )
 
 main_group.add_command(queue_group, "queue")  # what relay.ops.cli.main.main() does
@@ -741,3 +744,47 @@ def test_console_script_raw_and_json(filled: Queue, cfg: Path, tmp_path: Path) -
                              cwd=tmp_path, timeout=30, check=False)
     assert refused.returncode == 2
     assert b"Traceback" not in refused.stderr
+
+
+# -- queue IDs in any case, wake-ups --------------------------------------------------
+
+ULID_ID = "01J9ZQ3V7K8M2N4P6R8T0W2Y4A"
+
+
+@pytest.mark.parametrize("verb", ["show", "flush", "hold", "release", "delete", "bounce"])
+def test_queue_ids_are_matched_whatever_their_case(queue: Queue, cfg: Path, verb: str) -> None:
+    queue.put_many([msg(ULID_ID)])
+    if verb == "release":
+        queue.hold(Selector(ids=(ULID_ID,)))
+    extra = ("--yes",) if verb == "delete" else ()
+    result = run("queue", verb, ULID_ID.lower(), *extra, "-c", str(cfg))
+    assert result.exit_code == 0, result.stderr
+    assert "unknown queue ID" not in result.stderr
+    if verb == "show":
+        assert f"Queue ID:     {ULID_ID}" in result.stdout
+    elif verb in ("flush", "hold", "release", "delete"):
+        assert result.stdout.startswith("1 message ")
+    else:
+        assert queue.show(ULID_ID) is None
+
+
+def test_an_id_that_is_not_a_ulid_keeps_its_case(filled: Queue, cfg: Path) -> None:
+    assert one_error_line(run("queue", "show", "01def", "-c", str(cfg))) == (
+        "relay: unknown queue ID 01def")
+
+
+async def test_flush_and_release_wake_a_relay_listening_on_the_queue(
+    filled: Queue, cfg: Path
+) -> None:
+    woken = asyncio.Event()
+    ear = notify.listener(filled.engine, woken.set)
+    ear.start(asyncio.get_running_loop())
+    try:
+        assert run("queue", "hold", "01DEF", "-c", str(cfg)).exit_code == 0
+        assert run("queue", "release", "01DEF", "-c", str(cfg)).exit_code == 0
+        await asyncio.wait_for(woken.wait(), 10)
+        woken.clear()
+        assert run("queue", "flush", "--all", "-c", str(cfg)).exit_code == 0
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        ear.close()
