@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -91,6 +92,13 @@ async def serve(
         tls=config.delivery.tls,
         connect_timeout=config.delivery.connect_timeout,
     )
+    limits = Limits(
+        concurrency=config.delivery.concurrency,
+        per_destination=config.delivery.per_destination_concurrency,
+        log_retention=config.queue.log_retention,
+    )
+    if poll_interval is not None:
+        limits = dataclasses.replace(limits, poll_interval=poll_interval)
     scheduler = Scheduler(
         store=store,
         resolver=DnsResolver(
@@ -101,12 +109,7 @@ async def serve(
         ),
         transport=transport,
         rules=rules,
-        limits=Limits(
-            concurrency=config.delivery.concurrency,
-            per_destination=config.delivery.per_destination_concurrency,
-            log_retention=config.queue.log_retention,
-            **({} if poll_interval is None else {"poll_interval": poll_interval}),
-        ),
+        limits=limits,
         clock=clock,
         owner=config.node.hostname,
         next_hops={name: d.next_hop for name, d in config.domains.items() if d.next_hop},
