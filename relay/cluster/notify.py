@@ -26,9 +26,10 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import psycopg
     from sqlalchemy import Engine
 
 log = logging.getLogger("relay.cluster.notify")
@@ -244,11 +245,10 @@ class PostgresListener:
             if self._stopped(0):
                 return
 
-    def _listen(self, conn: object) -> bool:
+    def _listen(self, conn: psycopg.Connection[Any]) -> bool:
         """Pass notifications on until `close` (True) or the connection fails (raises)."""
         import psycopg
 
-        assert isinstance(conn, psycopg.Connection)
         pgconn = conn.pgconn
         while True:
             ready, _, _ = select.select([self._stop_r, pgconn.socket], [], [])
