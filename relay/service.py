@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 from collections.abc import Callable
 
+from relay.cluster import notify
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config
 from relay.delivery.outcomes import rules_from_config
@@ -68,8 +70,13 @@ async def serve(
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
+    poll_interval: float | None = None,
 ) -> None:
-    """Run until `stop` is set (or SIGTERM/SIGINT arrive)."""
+    """Run until `stop` is set (or SIGTERM/SIGINT arrive).
+
+    `poll_interval`: how often the scheduler looks for due work unasked
+    (default: `Limits`'); wake-ups from other processes come at once anyway.
+    """
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
     _stop_on_signals(asyncio.get_running_loop(), stop)
@@ -85,6 +92,13 @@ async def serve(
         tls=config.delivery.tls,
         connect_timeout=config.delivery.connect_timeout,
     )
+    limits = Limits(
+        concurrency=config.delivery.concurrency,
+        per_destination=config.delivery.per_destination_concurrency,
+        log_retention=config.queue.log_retention,
+    )
+    if poll_interval is not None:
+        limits = dataclasses.replace(limits, poll_interval=poll_interval)
     scheduler = Scheduler(
         store=store,
         resolver=DnsResolver(
@@ -95,11 +109,7 @@ async def serve(
         ),
         transport=transport,
         rules=rules,
-        limits=Limits(
-            concurrency=config.delivery.concurrency,
-            per_destination=config.delivery.per_destination_concurrency,
-            log_retention=config.queue.log_retention,
-        ),
+        limits=limits,
         clock=clock,
         owner=config.node.hostname,
         next_hops={name: d.next_hop for name, d in config.domains.items() if d.next_hop},
@@ -116,18 +126,27 @@ async def serve(
         stored.add_done_callback(queued)
         return stored
 
+    async def etrn(domain: str) -> int:
+        """ETRN wakes our scheduler, then the other nodes sharing the queue."""
+        count = await scheduler.flush_domain(domain)
+        if count and engine.dialect.name != "sqlite":  # SQLite has one node: this one
+            await asyncio.to_thread(notify.notify, engine)
+        return count
+
     listeners = await start_listeners(
         config,
         submit,
         id_factory=new_queue_id,
         clock=clock,
-        on_etrn=scheduler.flush_domain,
+        on_etrn=etrn,
         metrics=metrics,
     )
     http = None
     if config.metrics.address is not None:
         health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping)
         http = await start_http(config.metrics.address, metrics.registry, health)
+    wakeups = notify.listener(engine, scheduler.wake)  # a flush by `relay queue` wakes us
+    wakeups.start(asyncio.get_running_loop())
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     log.info(
         "mx-relay ready: smtp on %s, queue %s",
@@ -150,6 +169,7 @@ async def serve(
         scheduler_task.cancel()
         await asyncio.gather(scheduler_task, return_exceptions=True)
         await transport.close()
+        wakeups.close()
         if http is not None:
             http.close()
             await http.wait_closed()

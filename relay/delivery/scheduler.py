@@ -134,6 +134,7 @@ class Scheduler:
         if recovered:
             log.info("returned %d interrupted deliveries to the queue", recovered)
         while not self._stopping:
+            self._wake.clear()  # before the pass: a wake-up during it means "look again"
             try:
                 await self._pass()
             except QueueError as exc:
@@ -142,7 +143,6 @@ class Scheduler:
                 log.exception("scheduler pass failed")
             if self._stopping:
                 break
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._limits.poll_interval)
 

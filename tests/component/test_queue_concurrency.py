@@ -9,7 +9,6 @@ file) with ``BEGIN IMMEDIATE``, which makes each claim atomic.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,17 +58,27 @@ def test_two_claimers_never_lease_the_same_message(url: str) -> None:
         calls = [0, 0]
         errors: list[BaseException] = []
         start = threading.Barrier(2)
+        progress = threading.Condition()
+        finished = [False, False]
 
         def claimer(n: int) -> None:
+            other = 1 - n
             try:
                 start.wait(10)
                 while batch := queues[n].claim_due(f"node{n}", now, limit=BATCH, lease=600):
                     assert len(batch) <= BATCH
                     claimed[n].extend(batch)
-                    calls[n] += 1
-                    time.sleep(0.001)  # a relay delivers between claims: let the other one in
+                    with progress:  # a relay delivers between claims: the other one gets in
+                        calls[n] += 1
+                        progress.notify_all()
+                        progress.wait_for(
+                            lambda: calls[other] >= calls[n] or finished[other], timeout=10)
             except BaseException as exc:
                 errors.append(exc)
+            finally:
+                with progress:
+                    finished[n] = True
+                    progress.notify_all()
 
         threads = [threading.Thread(target=claimer, args=(n,)) for n in (0, 1)]
         for t in threads:

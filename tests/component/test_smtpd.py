@@ -650,7 +650,25 @@ async def test_the_tail_of_an_overlong_line_never_ends_the_data() -> None:
     exactly ".\r\n" still belongs to that line and must not end the data
     (else the rest would run as commands: a desync). The reader is fed by hand
     because over a socket the split depends on timing."""
-    reader = asyncio.StreamReader(limit=smtpd.RelaySMTP.line_length_limit)
+    class Reader(asyncio.StreamReader):
+        """Says when all that was fed has been read: the task then waits for more."""
+
+        fed = taken = 0
+        drained = asyncio.Event()
+
+        def feed_data(self, data: bytes) -> None:
+            self.fed += len(data)
+            self.drained.clear()
+            super().feed_data(data)
+
+        async def read(self, n: int = -1) -> bytes:
+            data = await super().read(n)
+            self.taken += len(data)
+            if self.taken >= self.fed:
+                self.drained.set()
+            return data
+
+    reader = Reader(limit=smtpd.RelaySMTP.line_length_limit)
     stub = SimpleNamespace(
         _reader=reader, loop=asyncio.get_running_loop(), transport=None,
         _shared=SimpleNamespace(max_size=10**6, data_timeout=60.0),
@@ -658,8 +676,7 @@ async def test_the_tail_of_an_overlong_line_never_ends_the_data() -> None:
     )
     task = asyncio.create_task(smtpd.RelaySMTP._read_data(stub))  # type: ignore[arg-type]
     reader.feed_data(b"Subject: x\r\n\r\n" + b"w" * 5000 + b".")
-    for _ in range(5):  # let the task consume all it can; it then waits for more
-        await asyncio.sleep(0)
+    await asyncio.wait_for(reader.drained.wait(), 5)  # consumed; it now waits for more
     assert not task.done()
     reader.feed_data(b"\r\nMAIL FROM:<evil@example>\r\n.\r\n")
     reader.feed_eof()

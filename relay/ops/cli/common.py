@@ -2,18 +2,19 @@
 
 Owns turning a config problem or an operational error into stderr lines and
 exit 1. Refuses everything else; the command groups import it, never each other.
+Imports nothing heavy at module level: `relay --help` must start fast.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from relay.core import config as configuration
-from relay.core.config import Config, ConfigError
+if TYPE_CHECKING:
+    from relay.core.config import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,10 +38,12 @@ def config_option(func: F) -> F:
 
 def load_config(ctx: click.Context, path: str | None) -> Config:
     """The config named after the command words wins over one named before them."""
+    from relay.core import config as configuration  # pydantic: only once a command runs
+
     chosen = path or (ctx.find_root().obj or {}).get("config_path")
     try:
         return configuration.load(chosen)
-    except ConfigError as exc:
+    except configuration.ConfigError as exc:
         for problem in exc.problems:
             click.echo(problem, err=True)
         sys.exit(1)

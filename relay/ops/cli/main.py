@@ -4,25 +4,22 @@ Owns argument parsing, config lookup (`-c` before or after the command
 words, then $RELAY_CONFIG, then config/relay.toml, then defaults), exit codes
 (0 ok, 1 operational error, 2 usage) and turning every expected failure into
 one stderr line instead of a traceback. Refuses queue logic: operator verbs
-call `queue.py`.
+call `queue.py`. Each command imports what it needs when it runs (the
+service, SQLAlchemy, Alembic), so `relay --help` and the queue commands start
+fast: operators script them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from relay.core import config as configuration
-from relay.core import maillog
 from relay.ops.cli.common import config_option, fail, load_config
-from relay.queue import db
-from relay.queue.access import QueueError
+from relay.ops.cli.queue import queue_group
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
 
@@ -57,8 +54,14 @@ def _settle_garbage_collector() -> None:
 def serve(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """Run the SMTP listener, the delivery scheduler and metrics until SIGTERM."""
     cfg = load_config(ctx, config_path)
-    maillog.setup(log_level or cfg.log.level, json_lines=cfg.log.format == "json")
+    import asyncio
+
     from relay import service
+    from relay.core import maillog
+    from relay.queue import db
+    from relay.queue.access import QueueError
+
+    maillog.setup(log_level or cfg.log.level, json_lines=cfg.log.format == "json")
 
     try:
         import uvloop
@@ -80,6 +83,10 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
 @click.pass_context
 def check_config(ctx: click.Context, config_path: str | None) -> None:
     """Validate the config and print the effective settings."""
+    import json
+
+    from relay.core import config as configuration
+
     cfg = load_config(ctx, config_path)
     click.echo(f"# {cfg.source}: ok")
     click.echo(json.dumps(configuration.effective(cfg), indent=2))
@@ -95,6 +102,8 @@ def db_group() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, config_path: str | None) -> None:
     """Migrate the queue database to the newest schema."""
+    from relay.queue import db
+
     cfg = load_config(ctx, config_path)
     try:
         rev = db.upgrade(db.connect(cfg.queue.url))
@@ -108,6 +117,8 @@ def db_upgrade(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_context
 def db_current(ctx: click.Context, config_path: str | None) -> None:
     """Print the database's schema revision and whether it is current."""
+    from relay.queue import db
+
     cfg = load_config(ctx, config_path)
     try:
         rev = db.revision(db.connect(cfg.queue.url))
@@ -127,8 +138,6 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
 def main() -> None:
     """Console-script entry point."""
     try:
-        from relay.ops.cli.queue import queue_group
-
         main_group.add_command(queue_group, "queue")
         main_group(prog_name="relay")
     except KeyboardInterrupt:

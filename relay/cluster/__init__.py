@@ -1,0 +1,6 @@
+"""What processes sharing one queue tell each other.
+
+Owns wake-ups (`notify.py`): an operator's flush, release or ETRN reaches
+every running `relay serve` at once instead of at its next poll. Refuses
+queue contents: a wake-up carries no data, it only says "look again".
+"""

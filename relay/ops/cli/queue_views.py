@@ -1,0 +1,168 @@
+"""How `relay queue` prints: the mailq table, `show`'s text, JSON objects, times and sizes.
+
+Owns the output formats of SPEC "Package and commands" for the queue
+commands (keys, column layout, time and span notation). Refuses to read the
+queue or to decide anything: it turns views into text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from relay.core.model import MessageState
+
+if TYPE_CHECKING:
+    from relay.queue.access import MessageView
+
+
+def iso(when: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a `Z`, to the second; None stays None (JSON null)."""
+    if when is None:
+        return None
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def span(seconds: float) -> str:
+    """`2d 3h`, `4h`, `6m 7s`, `8s`: the largest unit and the next one when not zero."""
+    seconds = max(0, int(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if seconds >= size or unit == "s":
+            text = f"{seconds // size}{unit}"
+            if i + 1 < len(units):
+                small, small_size = units[i + 1]
+                if rest := (seconds % size) // small_size:
+                    text += f" {rest}{small}"
+            return text
+    raise AssertionError("unreachable")
+
+
+def plural(n: int, word: str = "message") -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _next_attempt(view: MessageView) -> datetime | None:
+    """A held message has no next attempt, whatever the row remembers."""
+    return None if view.state == MessageState.HOLD.value else view.next_attempt_at
+
+
+def message_json(view: MessageView) -> dict[str, Any]:
+    return {
+        "id": view.id,
+        "state": view.state,
+        "sender": view.sender,
+        "size": view.size,
+        "received_at": iso(view.received_at),
+        "next_attempt_at": iso(_next_attempt(view)),
+        "attempts": view.attempts,
+        "last_error": view.last_error,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "attempts": r.attempts,
+                "last_reply": r.last_reply,
+            }
+            for r in view.recipients
+        ],
+    }
+
+
+def echo_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2))  # ASCII: safe whatever the locale
+
+
+_MARK = {MessageState.ACTIVE.value: "*", MessageState.HOLD.value: "!"}
+_ID_WIDTH = 28
+_HEADER = (
+    f"{'-Queue ID-':<{_ID_WIDTH}} {'--Size--':>8} {'--Arrival Time (UTC)--':<22} "
+    "-Sender/Recipient-------"
+)
+_INDENT = " " * (_ID_WIDTH + 1 + 8 + 1 + 22 + 1)
+
+
+def mailq(views: Sequence[MessageView]) -> str:
+    """The Postfix `mailq` layout: `*` active, `!` on hold, deferred replies in brackets."""
+    if not views:
+        return "Mail queue is empty"
+    lines = [_HEADER]
+    for v in views:
+        ident = v.id + _MARK.get(v.state, "")
+        arrival = v.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        sender = v.sender or "MAILER-DAEMON"
+        lines.append(f"{ident:<{_ID_WIDTH}} {v.size:>8} {arrival:<22} {sender}")
+        for r in v.recipients:
+            if r.status == "deferred":
+                reason = r.last_reply or v.last_error
+                if reason:
+                    lines.append(f"{_INDENT[:-8]}({reason})")
+            suffix = "" if r.status in ("queued", "deferred") else f"  [{r.status}]"
+            lines.append(f"{_INDENT}{r.address}{suffix}")
+        lines.append("")
+    total = sum(v.size for v in views)
+    kbytes = math.ceil(total / 1024)
+    lines.append(f"-- {kbytes} Kbytes in {len(views)} Request{'' if len(views) == 1 else 's'}.")
+    return "\n".join(lines)
+
+
+def _next_attempt_text(view: MessageView, now: datetime) -> str:
+    if view.state == MessageState.ACTIVE.value:
+        return "now (a delivery attempt is running)"
+    if view.state == MessageState.HOLD.value:
+        return "none: on hold (relay queue release to resume)"
+    if view.next_attempt_at is None:
+        return f"when {view.destination} answers again (destination down)"
+    if view.next_attempt_at <= now:
+        return f"due now (since {human_time(view.next_attempt_at)})"
+    wait = (view.next_attempt_at - now).total_seconds()
+    return f"{human_time(view.next_attempt_at)} (in {span(wait)})"
+
+
+def show_text(
+    view: MessageView, history: Sequence[tuple[datetime, str, str, str, str]], now: datetime
+) -> str:
+    age = (now - view.received_at).total_seconds()
+    received = f"{human_time(view.received_at)} ({span(age)} ago)"
+    if view.client_address:
+        received += f" from {view.client_address}"
+    rows = [
+        ("Queue ID", view.id),
+        ("State", view.state),
+        ("Sender", f"<{view.sender}>"),
+        ("Destination", view.destination),
+        ("Size", f"{view.size} bytes"),
+        ("Received", received),
+        ("Attempts", str(view.attempts)),
+        ("Next attempt", _next_attempt_text(view, now)),
+    ]
+    if view.last_error:
+        rows.append(("Last error", view.last_error))
+    lines = [f"{label + ':':<14}{value}" for label, value in rows]
+    lines.append("Recipients:")
+    width = max((len(r.address) for r in view.recipients), default=0) + 2
+    for r in view.recipients:
+        line = f"  <{r.address}>".ljust(width + 4) + f"{r.status:<10} attempts {r.attempts}"
+        if r.last_reply:
+            line += f"  {r.last_reply}"
+        lines.append(line)
+    lines.append("History:")
+    lines.append(history_text(history) if history else "  (no delivery attempts yet)")
+    return "\n".join(lines)
+
+
+def history_text(history: Sequence[tuple[datetime, str, str, str, str]]) -> str:
+    lines = []
+    for at, rcpt, outcome, reply, remote in history:
+        via = f" via {remote}" if remote else ""
+        lines.append(f"  {human_time(at)}  <{rcpt}>  {outcome}{via}: {reply}")
+    return "\n".join(lines)
