@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from relay.delivery.outcomes import Decision
-    from relay.queue.access import Claimed
+    from relay.queue.rows import Claimed
 
 log = logging.getLogger("relay.mail")
 

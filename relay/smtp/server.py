@@ -78,7 +78,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_alwa
 from relay.core import maillog
 from relay.core.clock import Clock
 from relay.core.config import Config
-from relay.queue.access import NewMessage
+from relay.queue.rows import NewMessage
 from relay.smtp.data import LINE_TOO_LONG, TOO_BIG, DataReceiver, give_back
 from relay.smtp.limits import ClientLimits
 from relay.smtp.policy import PathSyntaxError, Policy, domain_key, sender_address, split_path

@@ -25,7 +25,8 @@ from relay.delivery.resolver import NoRoute, Route
 from relay.delivery.scheduler import PREFETCH_MAX_SIZE, Limits, Scheduler
 from relay.ops.metrics import Metrics
 from relay.queue import db
-from relay.queue.access import Claimed, NewMessage, Queue
+from relay.queue.access import Queue
+from relay.queue.rows import Claimed, NewMessage
 from relay.queue.store import Store
 
 REFUSED = Reply(451, "4.4.1 connect to mail.verrotech.com[127.0.0.2]:25: Connection refused")

@@ -22,7 +22,7 @@ from relay.core import config as configuration
 from relay.core import maillog
 from relay.ops.cli.common import config_option, fail, load_config
 from relay.queue import db
-from relay.queue.access import QueueError
+from relay.queue.rows import QueueError
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
 

@@ -37,7 +37,8 @@ from relay.core.model import MessageState
 from relay.delivery.outcomes import decide, rules_from_config
 from relay.ops.cli.common import config_option, fail, load_config
 from relay.queue import db
-from relay.queue.access import MessageView, Queue, QueueError, Selector
+from relay.queue.access import Queue
+from relay.queue.rows import MessageView, QueueError, Selector
 
 STATES = tuple(s.value for s in MessageState)
 BOUNCE_LEASE = 300.0  # seconds an operator bounce holds its message
