@@ -32,7 +32,6 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 STORED = Recorded.STORED
 
 
-
 def new(qid: str, *rcpts: str, sender: str = "s@sender.example", at: datetime = T0) -> NewMessage:
     return NewMessage(id=qid, sender=sender, recipients=rcpts or ("a@verrotech.com",),
                       data=b"Subject: x\r\n\r\nbody " + qid.encode() + b"\r\n", received_at=at)
