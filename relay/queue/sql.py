@@ -115,7 +115,7 @@ def raw(conn: Connection, sql: str, params: Sequence[Any], many: bool = False) -
             cursor.executemany(sql, params)
             return []
         cursor.execute(sql, params)
-        return cursor.fetchall() if cursor.description else []
+        return list(cursor.fetchall()) if cursor.description else []
     except error as exc:
         raise DBAPIError.instance(sql, params, exc, error) from exc
     finally:

@@ -9,6 +9,7 @@ write: nothing here opens a write transaction.
 
 from __future__ import annotations
 
+import builtins  # `Views.list` shadows the name in the class body
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
@@ -94,7 +95,7 @@ class Views(QueueBase):
         found = self.list(ids=[message_id])
         return found[0] if found else None
 
-    def history(self, message_id: str) -> list[tuple[datetime, str, str, str, str]]:
+    def history(self, message_id: str) -> builtins.list[tuple[datetime, str, str, str, str]]:
         with self._reading() as conn:
             return [
                 (r.at, r.recipient, r.outcome, r.reply, r.remote_host)
@@ -133,7 +134,7 @@ class Views(QueueBase):
 
     # -- queue depth (metrics, health) ---------------------------------------
 
-    def _count_rows(self, conn: Connection) -> list[tuple[str, str, int]]:
+    def _count_rows(self, conn: Connection) -> builtins.list[tuple[str, str, int]]:
         """(destination, state, n) summed over shards, n != 0."""
         n = func.sum(queue_counts.c.n)
         query = (

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, Select, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay.core.destination import AttemptOutcome
+from relay.core.destination import AttemptOutcome, State
 from relay.core.model import MessageState, RecipientStatus
 from relay.queue.destinations import DestinationTable
 from relay.queue.rows import (
@@ -361,12 +362,13 @@ class Writes(DestinationTable):
         next_at = attempt.next_attempt_at
         if next_at is None and not _outcome(attempt).informative:
             # Parked before, but its destination may have come back meanwhile.
-            up = conn.execute(
-                select(destinations.c.up).where(destinations.c.name == destination)
-            ).scalar()
-            if up is None or up:
+            row = conn.execute(
+                select(destinations.c.up, destinations.c.retry_at)
+                .where(destinations.c.name == destination)
+            ).first()
+            if row is None or State.of(row.up, row.retry_at) is State.UP:
                 next_at = attempt.at
-        values = {
+        values: dict[str, Any] = {
             "state": MessageState.HOLD.value if held else MessageState.DEFERRED.value,
             "next_attempt_at": next_at,
             "attempts": messages.c.attempts + (1 if attempt.counted else 0),
