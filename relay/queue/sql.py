@@ -65,7 +65,7 @@ class RawInsert:
             template, count = (expressions or {}).get(column, ("{}", 1))
             values.append(template.format(*[marker] * count))
             self._processors += [None] * (count - 1)
-            self._processors.append(_bind_processor(table.c[column].type, dialect))
+            self._processors.append(table.c[column].type.bind_processor(dialect))
         self._row = f"({', '.join(values)})"
         self._statements: dict[int, str] = {}
 
@@ -88,9 +88,10 @@ class RawInsert:
 
 
 def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Any:
-    """The column type's bind processor as Core runs it on this dialect (for
-    a TypeDecorator, the dialect's own processor after ours: SQLite stores
-    datetimes as Core's text, microseconds included, so values compare equal)."""
+    """The column type's bind processor as Core runs it on this dialect: for
+    a TypeDecorator, the dialect's own processor after ours, so a value bound
+    here is the very text Core stored on SQLite (microseconds included) and
+    compares equal to it."""
     return type_.dialect_impl(dialect).bind_processor(dialect)
 
 
@@ -263,13 +264,17 @@ class QueueBase:
         rows: list[Removed] = []
         bind = self._lease_bind
         for chunk in chunks(leases):
+            # `id IN (...)` finds the rows by primary key; the row values then
+            # check each one's lease (alone, they would scan the table).
             row = f"({self._markers(3)})"
-            params = [v for lease in chunk
-                      for v in (lease.message_id, lease.owner,
-                                bind(lease.until) if bind else lease.until)]
+            params: list[Any] = [lease.message_id for lease in chunk]
+            params += [v for lease in chunk
+                       for v in (lease.message_id, lease.owner,
+                                 bind(lease.until) if bind else lease.until)]
             rows += self._delete_returning(
                 conn,
-                f"(id, lease_owner, lease_expires_at) IN (VALUES {', '.join([row] * len(chunk))})",
+                f"id IN ({self._markers(len(chunk))}) AND (id, lease_owner, lease_expires_at)"
+                f" IN (VALUES {', '.join([row] * len(chunk))})",
                 params,
             )
         self._drop_bodies(conn, rows)
