@@ -1,9 +1,10 @@
 """What an attempt means for the queue: a pure decision, no I/O.
 
 Owns the rules that turn one attempt's replies (or a routing failure, or
-expiry) into recipient statuses, the next attempt time, the destination's
-up/down state and the DSNs to queue. Refuses to store anything: it returns a
-`queue.Attempt` for `queue.record` to apply, so every rule is table-testable.
+expiry) into recipient statuses, the next attempt time, what the attempt
+tells about its destination (an `AttemptOutcome`: `relay.core.destination`
+decides the state) and the DSNs to queue. Refuses to store anything: it
+returns an `Attempt` for the queue to record, so every rule is table-testable.
 """
 
 from __future__ import annotations
