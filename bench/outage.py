@@ -40,7 +40,8 @@ from common import (
 )
 
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue, new_queue_id
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage, new_queue_id
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

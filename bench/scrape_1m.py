@@ -34,10 +34,12 @@ from sqlalchemy import Engine, func, select
 
 from relay.core.clock import FakeClock
 from relay.core.config import HostPort
+from relay.core.destination import State
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import Metrics
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage
 from relay.queue.schema import SQLITE_COUNT_TRIGGERS, messages
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -237,7 +239,7 @@ def main() -> None:
     clock = FakeClock(T0 + timedelta(days=6))
     metrics = Metrics(queue, clock)
     for name in (f"d{i}" for i in range(20)):
-        metrics.destination(name, up=True)
+        metrics.destination(name, State.UP)
 
     def report(label: str, median: float, worst: float) -> None:
         print(f"  {label:<52} {median:9.3f} / {worst:9.3f}")

@@ -27,7 +27,8 @@ from relay.delivery.transport import SmtpTransport
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import Metrics
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue, domain_of, new_queue_id
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage, domain_of, new_queue_id
 from relay.queue.store import Store
 from relay.smtp.listeners import start_listeners
 

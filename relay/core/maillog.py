@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from relay.core.destination import AttemptOutcome
+from relay.core.model import RecipientStatus
+
 if TYPE_CHECKING:
     from relay.delivery.outcomes import Decision
-    from relay.queue.access import Claimed
+    from relay.queue.rows import Claimed
 
 log = logging.getLogger("relay.mail")
 
@@ -74,9 +77,10 @@ def attempt_results(message: Claimed, decision: Decision, now: datetime,
         }
         if duration is not None:
             fields["duration"] = duration
-        if update.status.value == "deferred" and result.next_attempt_at is not None:
+        if update.status is RecipientStatus.DEFERRED and result.next_attempt_at is not None:
             fields["next_attempt"] = result.next_attempt_at.isoformat()
-        elif update.status.value == "deferred" and result.destination is not None:
+        elif (update.status is RecipientStatus.DEFERRED
+              and decision.outcome is AttemptOutcome.SITE_FAILURE):
             fields["next_attempt"] = "when the destination answers"
         fields["reply"] = update.reply
         _emit(update.outcome, message.id, **fields)

@@ -71,6 +71,10 @@ class Outcome(enum.StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     BOUNCED = "bounced"
+    EXPIRED = "expired"  # bounced unattempted: too long in the queue (logged as such)
+
+
+ATTEMPT_RESULTS = (Outcome.DELIVERED, Outcome.DEFERRED, Outcome.BOUNCED)  # what a reply gives
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """What an attempt means for the queue: a pure decision, no I/O.
 
 Owns the rules that turn one attempt's replies (or a routing failure, or
-expiry) into recipient statuses, the next attempt time, the destination's
-up/down state and the DSNs to queue. Refuses to store anything: it returns a
-`queue.Attempt` for `queue.record` to apply, so every rule is table-testable.
+expiry) into recipient statuses, the next attempt time, what the attempt
+tells about its destination (an `AttemptOutcome`: `relay.core.destination`
+decides the state) and the DSNs to queue. Refuses to store anything: it
+returns an `Attempt` for the queue to record, so every rule is table-testable.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from relay.core.config import Config
+from relay.core.destination import AttemptOutcome
 from relay.core.model import DeliveryReport, Outcome, RecipientStatus, Reply
 from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.dsn import RecipientNotice, build_dsn
 from relay.delivery.resolver import NoRoute
-from relay.queue.access import (
+from relay.queue.rows import (
     Attempt,
     Claimed,
     DestinationUpdate,
@@ -61,7 +63,7 @@ def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules
 class Decision:
     attempt: Attempt
     results: tuple[tuple[str, Outcome, Reply], ...]  # for the mail log and metrics
-    destination_down: bool
+    outcome: AttemptOutcome  # what the attempt told about its destination
 
 
 def decide(
@@ -110,18 +112,12 @@ def decide(
     for rcpt in message.recipients:
         reply = replies[rcpt.address]
         outcome = reply.outcome
-        log_outcome = outcome.value
+        logged = outcome
         if outcome is Outcome.DEFERRED and expired:
-            outcome, log_outcome = Outcome.BOUNCED, "expired"
-            reply = Reply(reply.code, reply.text)  # keep the last real reason
-        status = {
-            Outcome.DELIVERED: RecipientStatus.DELIVERED,
-            Outcome.DEFERRED: RecipientStatus.DEFERRED,
-            Outcome.BOUNCED: RecipientStatus.BOUNCED,
-        }[outcome]
+            outcome, logged = Outcome.BOUNCED, Outcome.EXPIRED  # keeps the last real reason
         if report is None and not operator_bounce:
-            log_outcome = "expired"
-        updates.append(RecipientUpdate(rcpt.id, rcpt.address, status, str(reply), log_outcome))
+            logged = Outcome.EXPIRED
+        updates.append(RecipientUpdate(rcpt.id, rcpt.address, _STATUS[outcome], str(reply), logged))
         results.append((rcpt.address, outcome, reply))
         if outcome is Outcome.BOUNCED:
             bounced.append((rcpt, reply))
@@ -130,18 +126,14 @@ def decide(
             if not last_error:
                 last_error = str(reply)
 
-    destination: DestinationUpdate | None = None
+    verdict = _verdict(report, operator_bounce, site_failure, bool(deferred), results)
+    destination = DestinationUpdate(message.destination, verdict)
     next_attempt: datetime | None = None
-    if deferred:
-        if site_failure:
-            retry = rules.backoff.next_attempt(now, destination_failures + 1, rules.rng)
-            destination = DestinationUpdate(
-                message.destination, up=False, retry_at=retry, error=last_error
-            )
-        else:
-            next_attempt = rules.backoff.next_attempt(now, message.attempts + 1, rules.rng)
-    if isinstance(report, DeliveryReport) and not report.site_failure:
-        destination = DestinationUpdate(message.destination, up=True)
+    if verdict is AttemptOutcome.SITE_FAILURE:
+        retry = rules.backoff.next_attempt(now, destination_failures + 1, rules.rng)
+        destination = DestinationUpdate(message.destination, verdict, retry, last_error)
+    elif deferred:
+        next_attempt = rules.backoff.next_attempt(now, message.attempts + 1, rules.rng)
 
     dsns: list[NewMessage] = []
     if bounced and message.sender and not message.is_dsn:
@@ -160,6 +152,7 @@ def decide(
     attempt = Attempt(
         message_id=message.id,
         owner=owner,
+        lease_until=message.lease_until,
         at=now,
         recipients=tuple(updates),
         next_attempt_at=next_attempt,
@@ -170,7 +163,39 @@ def decide(
         counted=report is not None,
         delay_warned=warn,
     )
-    return Decision(attempt, tuple(results), destination is not None and not destination.up)
+    return Decision(attempt, tuple(results), verdict)
+
+
+_STATUS = {
+    Outcome.DELIVERED: RecipientStatus.DELIVERED,
+    Outcome.DEFERRED: RecipientStatus.DEFERRED,
+    Outcome.BOUNCED: RecipientStatus.BOUNCED,
+}
+
+
+def _verdict(
+    report: DeliveryReport | NoRoute | None,
+    operator_bounce: bool,
+    site_failure: bool,
+    deferred: bool,
+    results: Sequence[tuple[str, Outcome, Reply]],
+) -> AttemptOutcome:
+    """What the attempt tells about its destination (see relay.core.destination).
+
+    A site failure counts only while some recipient still waits for the
+    destination: when all of them expired, nothing waits to be parked.
+    """
+    if report is None:
+        return AttemptOutcome.RETURNED if operator_bounce else AttemptOutcome.EXPIRED
+    if site_failure:
+        return AttemptOutcome.SITE_FAILURE if deferred else AttemptOutcome.EXPIRED
+    if isinstance(report, NoRoute):
+        return AttemptOutcome.UNROUTABLE
+    outcomes = {outcome for _, outcome, _ in results}
+    for worst in (Outcome.DEFERRED, Outcome.BOUNCED):
+        if worst in outcomes:
+            return AttemptOutcome(worst.value)
+    return AttemptOutcome.DELIVERED
 
 
 _NO_REPLY = Reply(451, "4.3.0 no reply recorded for this recipient")
@@ -198,11 +223,13 @@ def delay_notice(
     return Attempt(
         message_id=message.id,
         owner=owner,
+        lease_until=message.lease_until,
         at=now,
         recipients=(),
         next_attempt_at=message.next_attempt_at,
         last_error=message.last_error,
         dsns=(dsn,),
+        destination=DestinationUpdate(message.destination, AttemptOutcome.RETURNED),
         counted=False,
         delay_warned=True,
     )

@@ -24,13 +24,15 @@ from datetime import datetime, timedelta
 
 from relay.core import maillog
 from relay.core.clock import Clock
+from relay.core.destination import Action, AttemptOutcome, State, Transition, transition
 from relay.core.model import DeliveryReport, OutboundMessage, Outcome
 from relay.delivery.outcomes import Decision, Rules, decide, delay_notice
 from relay.delivery.resolver import NoRoute, Resolver
 from relay.delivery.throttle import Window, pushed_back
 from relay.delivery.transport import Transport
 from relay.ops.metrics import Metrics
-from relay.queue.access import Claimed, Queue, QueueError, Selector
+from relay.queue.access import Queue
+from relay.queue.rows import Claimed, QueueError, Recorded, Selector
 from relay.queue.store import Store
 
 log = logging.getLogger("relay.delivery.scheduler")
@@ -96,7 +98,9 @@ class Scheduler:
         self._last_expiry = 0.0
         self._last_prune = 0.0
         self._probed_at: datetime | None = None
-        self._down: set[str] = set()  # destinations our last attempt found down
+        # Destinations our own attempts found down (its state machine, as far as
+        # this process saw; the stored state is the queue's): absent means up.
+        self._seen: dict[str, State] = {}
         # Bodies of claimed small messages, read in one go per claim (instead
         # of one read per delivery), by queue ID; taken when delivered.
         self._prefetched: dict[str, bytes] = {}
@@ -111,7 +115,7 @@ class Scheduler:
         claim). A backup MX mostly takes mail for a dead primary, so this
         spares a claim transaction per accepted message; should the guess be
         stale, the next poll tick finds the mail anyway."""
-        if not self._down.issuperset(destinations):
+        if any(self._seen.get(d, State.UP) is State.UP for d in destinations):
             self.wake()
 
     async def flush_domain(self, domain: str) -> int:
@@ -283,12 +287,21 @@ class Scheduler:
             message = ready.popleft()
             if len(ready) == self._limits.low_water - 1:
                 self.wake()  # running low: claim more while these are delivered
-            verdict = await self._deliver(message)
-            if verdict == "down":
+            outcome = await self._deliver(message)
+            if outcome is AttemptOutcome.PUSHED_BACK:
+                return
+            if self._observe(destination, outcome).action is Action.PARK:
                 await self._park_rest(destination)
                 return
-            if verdict == "push_back":
-                return
+
+    def _observe(self, destination: str, outcome: AttemptOutcome) -> Transition:
+        """Move our view of `destination` along its state machine."""
+        step = transition(self._seen.get(destination, State.UP), outcome)
+        if step.state is State.UP:
+            self._seen.pop(destination, None)
+        else:
+            self._seen[destination] = step.state
+        return step
 
     async def _park_rest(self, destination: str) -> None:
         """The destination is down: its other claimed messages wait for the probe."""
@@ -315,9 +328,10 @@ class Scheduler:
             decision = decide(
                 self._rules, message, self._owner, now, report=None, original=original
             )
-            await self._store.record(decision.attempt)
+            if await self._store.record(decision.attempt) is Recorded.STALE:
+                continue  # another claim has it now; that one reports
             maillog.attempt_results(message, decision, now)
-            self._count(decision, None)
+            self._count(message.destination, decision, None)
 
     async def _warn_delayed(self, now: datetime) -> None:
         cutoff = now - timedelta(seconds=self._rules.delay_warning)
@@ -327,14 +341,15 @@ class Scheduler:
         for message in waiting:
             original = await self._store.read(self._queue.body, message.body_id)
             attempt = delay_notice(self._rules, message, self._owner, now, original)
-            await self._store.record(attempt)
+            if await self._store.record(attempt) is Recorded.STALE:
+                continue
             for dsn in attempt.dsns:
                 maillog.delay_warning(message, dsn.id)
         if waiting:
             self.wake()
 
-    async def _deliver(self, message: Claimed) -> str:
-        """Attempt one message; "ok", "down" (site failure) or "push_back"."""
+    async def _deliver(self, message: Claimed) -> AttemptOutcome:
+        """Attempt one message; what the attempt told about its destination."""
         started = time.monotonic()
         now = self._clock.now()
         window = self._window(message.destination)
@@ -351,7 +366,7 @@ class Scheduler:
                 await self._store.call(self._queue.unclaim, [message.id], self._owner, retry)
                 log.info("destination %s pushed back; window now %d sessions",
                          message.destination, window.sessions)
-                return "push_back"
+                return AttemptOutcome.PUSHED_BACK
             now = self._clock.now()
             failures = 0
             if isinstance(report, NoRoute | DeliveryReport) and _site_failure(report):
@@ -360,40 +375,42 @@ class Scheduler:
                 self._rules, message, self._owner, now, report=report, original=original,
                 destination_failures=failures,
             )
-            await self._store.record(decision.attempt)
+            recorded = await self._store.record(decision.attempt)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", message.id)
             retry = self._clock.now() + timedelta(seconds=self._rules.backoff.min_backoff)
             await self._store.call(self._queue.unclaim, [message.id], self._owner, retry)
-            return "ok"
+            return AttemptOutcome.RETURNED
+        if recorded is Recorded.STALE:
+            # Our lease ran out and another claim took the message over: its
+            # record stands, this one was refused (and logged) by the queue.
+            return AttemptOutcome.RETURNED
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)
-        self._count(decision, duration)
+        self._count(message.destination, decision, duration)
         if any(outcome is Outcome.BOUNCED for _, outcome, _ in decision.results):
             self.wake()  # a DSN was queued
-        if decision.destination_down:
+        if decision.outcome is AttemptOutcome.SITE_FAILURE:
             log.info("destination %s is down: %s", message.destination,
                      decision.attempt.last_error)
-            self._down.add(message.destination)
-            return "down"
-        self._down.discard(message.destination)
+            return decision.outcome
         if window.timed(duration):
             log.info("destination %s slowed down (%.1f s for one message); window now %d",
                      message.destination, duration, window.sessions)
         elif any(outcome is Outcome.DELIVERED for _, outcome, _ in decision.results):
             window.success()
-        return "ok"
+        return decision.outcome
 
-    def _count(self, decision: Decision, duration: float | None) -> None:
+    def _count(self, destination: str, decision: Decision, duration: float | None) -> None:
         for _, outcome, _ in decision.results:
             self._metrics.delivery(outcome)
         if duration is not None:
             self._metrics.observe_delivery(duration)
-        if decision.attempt.destination is not None:
-            dest = decision.attempt.destination
-            self._metrics.destination(dest.name, dest.up)
+        if decision.outcome.informative:  # the attempt tested the destination's hosts
+            self._metrics.destination(destination, transition(
+                self._seen.get(destination, State.UP), decision.outcome).state)
 
     async def _attempt(self, message: Claimed, original: bytes) -> DeliveryReport | NoRoute:
         next_hop = self._next_hops.get(message.destination, "")

@@ -26,7 +26,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay.core.clock import Clock, SystemClock
-from relay.core.model import MessageState, Outcome
+from relay.core.destination import State
+from relay.core.model import ATTEMPT_RESULTS, MessageState, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
-        for outcome in Outcome:  # export 0 before the first attempt: rate() works at once
+        for outcome in ATTEMPT_RESULTS:  # export 0 before the first attempt: rate() works at once
             self._attempts.labels(outcome.value)
         self._duration = Histogram(
             DELIVERY_DURATION,
@@ -247,8 +248,10 @@ class Metrics:
     def delivery(self, result: Outcome | str, seconds: float | None = None) -> None:
         """One recipient's attempt ended `result`; `seconds` (when given) feeds the
         duration histogram, so pass it once per attempt, not once per recipient."""
-        value = Outcome(result).value  # ValueError on anything else: bounded labels
-        self._attempts.labels(value).inc()
+        value = Outcome(result)
+        if value not in ATTEMPT_RESULTS:  # bounded labels: an expiry is counted as bounced
+            raise ValueError(f"not a delivery result: {value}")
+        self._attempts.labels(value.value).inc()
         if seconds is not None:
             self.observe_delivery(seconds)
 
@@ -256,9 +259,9 @@ class Metrics:
         """How long one delivery attempt (one session to a next hop) took."""
         self._duration.observe(max(0.0, seconds))
 
-    def destination(self, name: str, up: bool) -> None:
-        """The destination answered (`up`) or could not be reached."""
-        self._destinations.set(name, up)
+    def destination(self, name: str, state: State) -> None:
+        """The destination's state after an attempt that tested its hosts."""
+        self._destinations.set(name, state is State.UP)
 
     def forget_destination(self, name: str) -> None:
         self._destinations.forget(name)

@@ -3,7 +3,7 @@
 Owns how we connect (URL normalisation, SQLite durability pragmas, write
 transactions that take the lock up front) and the Alembic revision checks
 that `relay serve` and `relay db` perform. Refuses to know any table's
-contents: that is `queue.py`.
+contents: that is the queue's parts (`writes.py`, `commands.py`, `views.py`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Tables of the queue, in portable SQLAlchemy Core (SQLite and PostgreSQL).
 
-Owns table, index and trigger definitions only; `queue.py` is the one module that
-reads and writes them, and `migrations/` carries every change to them.
+Owns table, index and trigger definitions only; the queue's parts (`writes.py`,
+`commands.py`, `destinations.py`, `views.py`) read and write them, and
+`migrations/` carries every change to them.
 
 Layout, after OpenSMTPD: a message body is written once (`bodies`); the
 scheduler works on small `messages` rows (one per accepted message and
@@ -132,7 +133,7 @@ delivery_log = Table(
     Column("message_id", String(32), nullable=False, index=True),
     Column("recipient", String(998), nullable=False),
     Column("at", UtcDateTime, nullable=False, index=True),
-    Column("outcome", String(16), nullable=False),  # model.Outcome, or "expired"
+    Column("outcome", String(16), nullable=False),  # model.Outcome
     Column("reply", Text, nullable=False, default=""),
     Column("remote_host", String(255), nullable=False, default=""),
 )

@@ -4,7 +4,7 @@ Owns the bridge between asyncio and the database threads: every write goes
 to the writer thread (`writer.py`: group commit, so each SMTP session still
 hears 250 only after the transaction holding its own message committed);
 reads run in a small thread pool, since WAL readers never wait for the
-writer. Refuses SQL of its own: every statement is in `queue.py`.
+writer. Refuses SQL of its own: every statement is in the queue's parts (`access.Queue`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from relay.queue import db, writer
-from relay.queue.access import Attempt, NewMessage, Queue, QueueError
+from relay.queue.access import Queue
+from relay.queue.rows import Attempt, NewMessage, QueueError, Recorded
 from relay.queue.writer import Answer, Checkpointer, QueueInbox, Request
 
 log = logging.getLogger("relay.queue.store")
@@ -49,9 +50,11 @@ class Store:
         turns before every 250."""
         return self._send(op=message)
 
-    async def record(self, attempt: Attempt) -> bool:
-        """Record a delivery attempt, group-committed with other writes."""
-        return bool(await self._send(op=attempt))
+    async def record(self, attempt: Attempt) -> Recorded:
+        """Record a delivery attempt, group-committed with other writes; STALE
+        when its claim no longer holds the message's lease (refused)."""
+        result: Recorded = await self._send(op=attempt)
+        return result
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a Queue method that writes, in the writer, in order."""

@@ -5,9 +5,9 @@ consecutive puts and recorded attempts as one group commit (`Queue.apply`:
 one transaction, one fsync), runs any other Queue method alone, and answers
 each request; and the thread that checkpoints SQLite's WAL. Every SQLite
 statement gives the GIL up and must get it back from a busy event loop, so
-the fewer statements per commit the better (see `queue.py`). Refuses asyncio
-and SQL of its own: `store.py` speaks to the event loop, `queue.py` to the
-database.
+the fewer statements per commit the better (see `writes.py`). Refuses asyncio
+and SQL of its own: `store.py` speaks to the event loop, the queue's parts
+(`access.Queue`) to the database.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relay.queue import db
-from relay.queue.access import Attempt, NewMessage, Queue, QueueError
+from relay.queue.access import Queue
+from relay.queue.rows import Attempt, NewMessage, QueueError, Recorded
 
 log = logging.getLogger("relay.queue.writer")
 
@@ -119,7 +120,7 @@ def _serve(
 def _commit(queue: Queue, batch: list[Request]) -> list[Answer]:
     ops = [request.op for request in batch if request.op is not None]
     try:
-        results: list[bool | QueueError] = queue.apply(ops)
+        results: list[Recorded | QueueError] = queue.apply(ops)
     except Exception as exc:
         log.warning("group commit of %d writes failed: %s", len(batch), exc)
         failure = exc if isinstance(exc, QueueError) else QueueError(str(exc))

@@ -39,7 +39,7 @@ from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, login_always_fail
 
 from relay.core import maillog
 from relay.core.address import host_key
-from relay.queue.access import NewMessage
+from relay.queue.rows import NewMessage
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
 from relay.smtp.policy import PathSyntaxError, sender_address, split_path
 from relay.smtp.replies import (

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.core.clock import Clock
 from relay.core.config import Config
-from relay.queue.access import NewMessage
+from relay.queue.rows import NewMessage
 from relay.smtp.limits import ClientLimits
 from relay.smtp.policy import Policy
 

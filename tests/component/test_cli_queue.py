@@ -18,20 +18,15 @@ from click.testing import CliRunner, Result
 
 from relay.cluster import notify
 from relay.core.clock import FakeClock
-from relay.core.model import RecipientStatus
+from relay.core.destination import AttemptOutcome
+from relay.core.model import Outcome, RecipientStatus
 from relay.delivery import outcomes
 from relay.ops.cli import queue_select, queue_verbs, queue_views
 from relay.ops.cli.main import main_group
 from relay.ops.cli.queue import queue_group, valid_domain
 from relay.queue import db
-from relay.queue.access import (
-    Attempt,
-    DestinationUpdate,
-    NewMessage,
-    Queue,
-    RecipientUpdate,
-    Selector,
-)
+from relay.queue.access import Queue
+from relay.queue.rows import Attempt, DestinationUpdate, NewMessage, RecipientUpdate, Selector
 
 main_group.add_command(queue_group, "queue")  # what relay.ops.cli.main.main() does
 
@@ -100,12 +95,13 @@ def filled(queue: Queue) -> Queue:
     [deferred] = queue.claim_ids(["01DEF"], "n", T0 + timedelta(minutes=5), lease=600)
     busy, ok = deferred.recipients
     queue.record(Attempt(
-        message_id="01DEF", owner="n", at=T0 + timedelta(minutes=5),
+        message_id="01DEF", owner="n",
+        lease_until=deferred.lease_until, at=T0 + timedelta(minutes=5),
         recipients=(
             RecipientUpdate(busy.id, busy.address, RecipientStatus.DEFERRED,
-                            "451 4.2.1 mailbox busy", "deferred"),
+                            "451 4.2.1 mailbox busy", Outcome.DEFERRED),
             RecipientUpdate(ok.id, ok.address, RecipientStatus.DELIVERED,
-                            "250 2.0.0 ok", "delivered"),
+                            "250 2.0.0 ok", Outcome.DELIVERED),
         ),
         next_attempt_at=NOW + timedelta(minutes=10),
         last_error="451 4.2.1 mailbox busy",
@@ -413,14 +409,14 @@ def park(queue: Queue, qid: str, destination: str) -> None:
     """One failed probe: the destination is down and its messages wait on it."""
     [claimed] = queue.claim_ids([qid], "n", T0 + timedelta(minutes=30), lease=600)
     queue.record(Attempt(
-        message_id=qid, owner="n", at=T0 + timedelta(minutes=30),
+        message_id=qid, owner="n", lease_until=claimed.lease_until, at=T0 + timedelta(minutes=30),
         recipients=tuple(
             RecipientUpdate(r.id, r.address, RecipientStatus.DEFERRED, "421 4.4.2 down",
-                            "deferred")
+                            Outcome.DEFERRED)
             for r in claimed.recipients
         ),
         next_attempt_at=None, last_error="connection refused",
-        destination=DestinationUpdate(destination, up=False,
+        destination=DestinationUpdate(destination, AttemptOutcome.SITE_FAILURE,
                                       retry_at=NOW + timedelta(hours=1), error="refused"),
     ))
 

@@ -30,16 +30,17 @@ from sqlalchemy import create_engine, func, select, text
 
 from relay.core.clock import FakeClock
 from relay.core.config import HostPort
-from relay.core.model import MessageState, RecipientStatus
+from relay.core.destination import AttemptOutcome, State
+from relay.core.model import MessageState, Outcome, RecipientStatus
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import METRICS, Metrics
 from relay.queue import db
-from relay.queue.access import (
+from relay.queue.access import Queue
+from relay.queue.rows import (
     Attempt,
     Claimed,
     DestinationUpdate,
     NewMessage,
-    Queue,
     QueueError,
     RecipientUpdate,
     Selector,
@@ -99,7 +100,7 @@ def assert_exact(queue: Queue) -> dict[str, int]:
 
 
 def outcome(claimed: Claimed, status: RecipientStatus) -> tuple[RecipientUpdate, ...]:
-    return tuple(RecipientUpdate(r.id, r.address, status, "reply", status.value)
+    return tuple(RecipientUpdate(r.id, r.address, status, "reply", Outcome(status.value))
                  for r in claimed.recipients)
 
 
@@ -123,11 +124,13 @@ def test_counts_stay_exact_through_every_queue_operation(queue: Queue) -> None:
 
     first, second, third = claimed
     retry = T0 + timedelta(minutes=5)
-    queue.record(Attempt(message_id=first.id, owner="n", at=T0, next_attempt_at=retry,
+    queue.record(Attempt(message_id=first.id, owner="n",
+                         lease_until=first.lease_until, at=T0, next_attempt_at=retry,
                          recipients=outcome(first, RecipientStatus.DEFERRED)))
     assert assert_exact(queue) == {"active": 2, "deferred": 3, "hold": 0}
     queue.record(Attempt(  # bounced: removed, and its DSN queued
-        message_id=second.id, owner="n", at=T0, next_attempt_at=None,
+        message_id=second.id, owner="n",
+        lease_until=second.lease_until, at=T0, next_attempt_at=None,
         recipients=outcome(second, RecipientStatus.BOUNCED),
         dsns=(new("DSN1", "s@sender.example", sender=""),)))
     assert assert_exact(queue) == {"active": 1, "deferred": 4, "hold": 0}
@@ -146,7 +149,8 @@ def test_counts_stay_exact_through_every_queue_operation(queue: Queue) -> None:
     assert assert_exact(queue) == {"active": 1, "deferred": 3, "hold": 1}
     queue.hold(Selector(ids=("02",)))
     assert assert_exact(queue) == {"active": 0, "deferred": 3, "hold": 2}
-    queue.record(Attempt(message_id=active.id, owner="n", at=T0, next_attempt_at=retry,
+    queue.record(Attempt(message_id=active.id, owner="n",
+                         lease_until=active.lease_until, at=T0, next_attempt_at=retry,
                          recipients=outcome(active, RecipientStatus.DEFERRED)))
     assert assert_exact(queue) == {"active": 0, "deferred": 3, "hold": 2}
 
@@ -156,9 +160,9 @@ def test_counts_stay_exact_through_every_queue_operation(queue: Queue) -> None:
     # a destination going down parks its mail: no state change
     [c] = queue.claim_due("n", retry, limit=1, lease=60)
     queue.record(Attempt(
-        message_id=c.id, owner="n", at=T0, next_attempt_at=None,
+        message_id=c.id, owner="n", lease_until=c.lease_until, at=T0, next_attempt_at=None,
         recipients=outcome(c, RecipientStatus.DEFERRED),
-        destination=DestinationUpdate(c.destination, up=False, retry_at=retry)))
+        destination=DestinationUpdate(c.destination, AttemptOutcome.SITE_FAILURE, retry_at=retry)))
     assert assert_exact(queue) == {"active": 0, "deferred": 5, "hold": 0}
 
     # a crashed scheduler's leases come back
@@ -248,7 +252,8 @@ def test_concurrent_writers_keep_counts_exact(queue: Queue) -> None:
                 queue.put_many([new(f"W{worker}-{i}", *(f"u@{d}" for d in order))])
                 for c in queue.claim_due(f"n{worker}", T0 + timedelta(hours=1), 4, 60):
                     status = RecipientStatus.DEFERRED if i % 2 else RecipientStatus.DELIVERED
-                    queue.record(Attempt(message_id=c.id, owner=f"n{worker}", at=T0,
+                    queue.record(Attempt(message_id=c.id, owner=f"n{worker}",
+                                         lease_until=c.lease_until, at=T0,
                                          next_attempt_at=T0, recipients=outcome(c, status)))
                 queue.compact_counts()
         except BaseException as exc:
@@ -321,10 +326,11 @@ class QueueMachine(RuleBasedStateMachine):
             self.serial += 1
             dsns = (new(f"D{self.serial:04d}", "s@sender.example", at=self.now, sender=""),)
         self.queue.record(Attempt(
-            message_id=qid, owner=owner, at=self.now,
+            message_id=qid, owner=owner, lease_until=c.lease_until, at=self.now,
             next_attempt_at=None if down else self.now + timedelta(seconds=30),
             recipients=outcome(c, status), dsns=dsns,
-            destination=DestinationUpdate(c.destination, up=not down,
+            destination=DestinationUpdate(c.destination, AttemptOutcome.SITE_FAILURE if down
+                                          else AttemptOutcome.DELIVERED,
                                           retry_at=self.now + timedelta(seconds=30))))
 
     @precondition(lambda self: bool(self.claimed))
@@ -403,7 +409,7 @@ def test_facade_methods_feed_their_metrics() -> None:
     m.delivery("delivered", 0.2)
     m.delivery(RecipientStatus.BOUNCED.value)
     m.observe_delivery(3.0)
-    m.destination("verrotech.com", up=False)
+    m.destination("verrotech.com", State.DOWN)
     with pytest.raises(ValueError):
         m.delivery("exploded", 1.0)
     fams = families(generate_latest(m.registry).decode())
@@ -438,16 +444,16 @@ def test_destination_series_expire_and_are_bounded() -> None:
 
     clock = FakeClock(T0)
     m = Metrics(clock=clock, destination_ttl=3600, destination_limit=3)
-    m.destination("old.example", up=True)
+    m.destination("old.example", State.UP)
     clock.advance(1800)
     for name in ("a.example", "b.example", "c.example"):
-        m.destination(name, up=True)
-    m.destination("a.example", up=False)  # refreshed: now the most recent
+        m.destination(name, State.UP)
+    m.destination("a.example", State.DOWN)  # refreshed: now the most recent
     fams = families(generate_latest(m.registry).decode())
     seen = {s.labels["destination"]: s.value for s in fams["relay_destination_up"].samples}
     assert seen == {"a.example": 0, "b.example": 1, "c.example": 1}  # old one evicted
     clock.advance(3601)
-    m.destination("b.example", up=True)
+    m.destination("b.example", State.UP)
     fams = families(generate_latest(m.registry).decode())
     assert [s.labels["destination"] for s in fams["relay_destination_up"].samples] == [
         "b.example"]
@@ -546,7 +552,7 @@ async def test_scrape_has_every_spec_metric_and_live_queue_depth(
     endpoint: Endpoint, queue: Queue
 ) -> None:
     endpoint.metrics.rejected("relay_denied")
-    endpoint.metrics.destination("verrotech.com", up=True)
+    endpoint.metrics.destination("verrotech.com", State.UP)
     status, headers, body = await http(endpoint.port, get("/metrics"))
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")

@@ -19,7 +19,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, insert, inspect, select, text
 
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue, Selector
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage, Selector
 from relay.queue.schema import bodies, destinations, messages, metadata
 from tests.support.postgres import needs_postgres
 

@@ -11,23 +11,25 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Table, event, func, select
 
-from relay.core.model import MessageState, RecipientStatus
+from relay.core.destination import AttemptOutcome
+from relay.core.model import MessageState, Outcome, RecipientStatus
 from relay.queue import db
-from relay.queue.access import (
+from relay.queue.access import Queue
+from relay.queue.rows import (
     Attempt,
     Claimed,
     DestinationUpdate,
     NewMessage,
-    Queue,
     QueueError,
     RecipientUpdate,
+    Recorded,
     Selector,
 )
 from relay.queue.schema import bodies, delivery_log, messages
 from tests.support.postgres import needs_postgres
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
+STORED = Recorded.STORED
 
 
 def new(qid: str, *rcpts: str, sender: str = "s@sender.example", at: datetime = T0) -> NewMessage:
@@ -82,15 +84,17 @@ def test_partial_outcome_keeps_only_pending_recipients(queue: Queue) -> None:
     ok, later, no = c.recipients
     retry = T0 + timedelta(minutes=5)
     assert queue.record(Attempt(
-        message_id=c.id, owner="n", at=T0, next_attempt_at=retry, last_error="450 busy",
+        message_id=c.id, owner="n",
+        lease_until=c.lease_until, at=T0, next_attempt_at=retry, last_error="450 busy",
         recipients=(
-            RecipientUpdate(ok.id, ok.address, RecipientStatus.DELIVERED, "250 ok", "delivered"),
+            RecipientUpdate(ok.id, ok.address, RecipientStatus.DELIVERED, "250 ok",
+                            Outcome.DELIVERED),
             RecipientUpdate(later.id, later.address, RecipientStatus.DEFERRED, "450 busy",
-                            "deferred"),
-            RecipientUpdate(no.id, no.address, RecipientStatus.BOUNCED, "550 no", "bounced"),
+                            Outcome.DEFERRED),
+            RecipientUpdate(no.id, no.address, RecipientStatus.BOUNCED, "550 no", Outcome.BOUNCED),
         ),
         dsns=(new("DSN1", "s@sender.example", sender=""),),
-    ))
+    )) is Recorded.STORED
     view = queue.show("01")
     assert view is not None
     assert view.state == MessageState.DEFERRED and view.attempts == 1
@@ -102,10 +106,11 @@ def test_partial_outcome_keeps_only_pending_recipients(queue: Queue) -> None:
     # retry: only the deferred recipient is claimed
     [c2] = [c for c in queue.claim_due("n", retry, limit=10, lease=600) if c.id == "01"]
     assert [r.address for r in c2.recipients] == ["later@verrotech.com"]
-    queue.record(Attempt(message_id=c2.id, owner="n", at=retry, next_attempt_at=None,
+    queue.record(Attempt(message_id=c2.id, owner="n",
+                         lease_until=c2.lease_until, at=retry, next_attempt_at=None,
                          recipients=(RecipientUpdate(c2.recipients[0].id, "later@verrotech.com",
                                                      RecipientStatus.DELIVERED, "250 ok",
-                                                     "delivered"),)))
+                                                     Outcome.DELIVERED),)))
     assert queue.show("01") is None  # left the queue; the log remains
     assert [h[1:3] for h in queue.history("01")] == [
         ("ok@verrotech.com", "delivered"), ("later@verrotech.com", "deferred"),
@@ -117,10 +122,11 @@ def test_dead_destination_parks_its_mail_and_one_probe_releases_it(queue: Queue)
     c = claim_one(queue, T0 + timedelta(seconds=10))
     retry = T0 + timedelta(minutes=5)
     queue.record(Attempt(
-        message_id=c.id, owner="n", at=T0, next_attempt_at=None,
+        message_id=c.id, owner="n", lease_until=c.lease_until, at=T0, next_attempt_at=None,
         recipients=(RecipientUpdate(c.recipients[0].id, c.recipients[0].address,
-                                    RecipientStatus.DEFERRED, "451 refused", "deferred"),),
-        destination=DestinationUpdate("verrotech.com", up=False, retry_at=retry, error="refused"),
+                                    RecipientStatus.DEFERRED, "451 refused", Outcome.DEFERRED),),
+        destination=DestinationUpdate("verrotech.com", AttemptOutcome.SITE_FAILURE, retry_at=retry,
+                                      error="refused"),
     ))
     later = T0 + timedelta(minutes=1)
     assert queue.claim_due("n", later, limit=10, lease=600) == []  # all parked
@@ -134,10 +140,11 @@ def test_dead_destination_parks_its_mail_and_one_probe_releases_it(queue: Queue)
     probe = queue.claim_due("n", retry, limit=10, lease=600)
     assert [p.id for p in probe] == ["01"]  # the oldest
     queue.record(Attempt(
-        message_id="01", owner="n", at=retry, next_attempt_at=None,
+        message_id="01", owner="n",
+        lease_until=probe[0].lease_until, at=retry, next_attempt_at=None,
         recipients=(RecipientUpdate(probe[0].recipients[0].id, probe[0].recipients[0].address,
-                                    RecipientStatus.DELIVERED, "250 ok", "delivered"),),
-        destination=DestinationUpdate("verrotech.com", up=True),
+                                    RecipientStatus.DELIVERED, "250 ok", Outcome.DELIVERED),),
+        destination=DestinationUpdate("verrotech.com", AttemptOutcome.DELIVERED),
     ))
     drained = queue.claim_due("n", retry, limit=10, lease=600)
     assert [d.id for d in drained] == ["02", "03", "04", "05", "09"]  # arrival order
@@ -175,10 +182,11 @@ def test_record_after_operator_delete_is_harmless(queue: Queue) -> None:
     queue.put_many([new("01")])
     c = claim_one(queue)
     queue.delete(Selector(ids=("01",)))
-    assert not queue.record(Attempt(
-        message_id="01", owner="n", at=T0, next_attempt_at=None,
+    assert queue.record(Attempt(
+        message_id="01", owner="n", lease_until=c.lease_until, at=T0, next_attempt_at=None,
         recipients=(RecipientUpdate(c.recipients[0].id, c.recipients[0].address,
-                                    RecipientStatus.DELIVERED, "250 ok", "delivered"),)))
+                                    RecipientStatus.DELIVERED, "250 ok", Outcome.DELIVERED),),
+    )) is Recorded.GONE
     assert count(queue, delivery_log) == 0
 
 
@@ -194,7 +202,7 @@ def test_stats(queue: Queue) -> None:
 
 def test_storage_failure_keeps_nothing(queue: Queue) -> None:
     queue.put_many([new("01")])
-    from relay.queue.access import QueueError
+    from relay.queue.rows import QueueError
 
     with pytest.raises(QueueError):
         queue.put_many([new("02"), new("01")])  # duplicate id fails the whole batch
@@ -203,10 +211,11 @@ def test_storage_failure_keeps_nothing(queue: Queue) -> None:
 
 def delivered(c: Claimed) -> Attempt:
     return Attempt(
-        message_id=c.id, owner="n", at=T0, next_attempt_at=None, remote_host="mx[127.0.0.2]:25",
+        message_id=c.id, owner="n",
+        lease_until=c.lease_until, at=T0, next_attempt_at=None, remote_host="mx[127.0.0.2]:25",
         recipients=tuple(RecipientUpdate(r.id, r.address, RecipientStatus.DELIVERED, "250 ok",
-                                         "delivered") for r in c.recipients),
-        destination=DestinationUpdate("verrotech.com", up=True),
+                                         Outcome.DELIVERED) for r in c.recipients),
+        destination=DestinationUpdate("verrotech.com", AttemptOutcome.DELIVERED),
     )
 
 
@@ -216,7 +225,7 @@ def test_group_commit_applies_finished_messages_in_bulk(queue: Queue) -> None:
     assert len(claimed) == 5
     queue.delete(Selector(ids=("05",)))  # an operator removed one while it was in flight
     results = queue.apply([*(delivered(c) for c in claimed), new("06")])
-    assert results == [True, True, True, True, False, True]
+    assert results == [STORED, STORED, STORED, STORED, Recorded.GONE, STORED]
     assert [v.id for v in queue.list()] == ["06"]
     assert count(queue, delivery_log) == 4
     assert count(queue, bodies) == 1
@@ -230,7 +239,7 @@ def test_group_commit_isolates_a_failing_operation(queue: Queue) -> None:
     # a DSN whose queue ID already exists makes its attempt fail, and only that one
     bad = replace(delivered(by_id["02"]), dsns=(new("DUP", sender=""),))
     results = queue.apply([delivered(by_id["01"]), bad])
-    assert results[0] is True
+    assert results[0] is STORED
     assert isinstance(results[1], QueueError)
     assert {v.id for v in queue.list()} == {"02", "DUP"}  # 02 untouched, still leased
     assert count(queue, delivery_log) == 1
@@ -239,7 +248,7 @@ def test_group_commit_isolates_a_failing_operation(queue: Queue) -> None:
 def test_group_commit_refuses_only_a_duplicate_put(queue: Queue) -> None:
     queue.put_many([new("01")])
     results = queue.apply([new("02"), replace(new("01"), data=b"other\r\n"), new("03")])
-    assert results[0] is True and results[2] is True
+    assert results[0] is STORED and results[2] is STORED
     assert isinstance(results[1], QueueError) and "UNIQUE" in str(results[1]).upper()
     assert [v.id for v in queue.list()] == ["01", "02", "03"]
     assert queue.raw("01") == new("01").data  # the stored one is untouched
@@ -247,7 +256,7 @@ def test_group_commit_refuses_only_a_duplicate_put(queue: Queue) -> None:
 
 
 def test_deleting_more_messages_than_one_statement_takes(queue: Queue) -> None:
-    from relay.queue.access import IDS_PER_STATEMENT
+    from relay.queue.sql import IDS_PER_STATEMENT
 
     n = IDS_PER_STATEMENT * 2 + 7
     queue.put_many([new(f"{i:05d}") for i in range(n)])
@@ -262,7 +271,7 @@ def test_a_thread_holding_a_connection_writes_on_it_and_gives_it_back(queue: Que
     event.listen(queue.engine, "checkout", lambda dbapi, record, proxy: checkouts.append(dbapi))
     with queue.holding_connection():
         for n in range(5):
-            assert queue.apply([new(f"H{n}")]) == [True]
+            assert queue.apply([new(f"H{n}")]) == [STORED]
         [claimed] = queue.claim_due("node", T0, limit=1, lease=60)
     assert len(checkouts) == (6 if queue.engine.dialect.name == "postgresql" else 1)
     assert queue.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
@@ -277,10 +286,10 @@ def test_after_a_failed_write_the_held_connection_is_replaced(tmp_path: Path) ->
     checkouts: list[object] = []
     event.listen(engine, "checkout", lambda dbapi, record, proxy: checkouts.append(dbapi))
     with queue.holding_connection():
-        assert queue.apply([new("F1")]) == [True]
+        assert queue.apply([new("F1")]) == [STORED]
         [error] = queue.apply([new("F1")])  # the same queue ID again: refused
         assert isinstance(error, QueueError)
-        assert queue.apply([new("F2")]) == [True]
+        assert queue.apply([new("F2")]) == [STORED]
     assert len(checkouts) == 2
     assert {v.id for v in queue.list()} == {"F1", "F2"}
     engine.dispose()
@@ -296,13 +305,13 @@ def test_the_writer_on_postgresql_survives_a_server_dropping_its_connections(
     db.upgrade(engine)
     queue = Queue(engine)
     with queue.holding_connection():
-        assert queue.apply([new("P1")]) == [True]
+        assert queue.apply([new("P1")]) == [STORED]
         with admin.connect() as conn:
             ended = conn.exec_driver_sql(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()").scalar()
         assert ended >= 1
-        assert queue.apply([new("P2")]) == [True]
+        assert queue.apply([new("P2")]) == [STORED]
     assert {v.id for v in queue.list()} == {"P1", "P2"}
     engine.dispose()
     admin.dispose()

@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from relay.queue import db
-from relay.queue.access import Claimed, NewMessage, Queue
+from relay.queue.access import Queue
+from relay.queue.rows import Claimed, NewMessage
 from relay.queue.schema import messages
 from tests.support.postgres import needs_postgres
 

@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from relay.core.model import RecipientStatus
+from relay.core.model import Outcome, RecipientStatus
 from relay.queue import db
-from relay.queue.access import Attempt, NewMessage, Queue, RecipientUpdate, Selector
+from relay.queue.access import Queue
+from relay.queue.rows import Attempt, NewMessage, RecipientUpdate, Recorded, Selector
 from relay.queue.store import Store
 from relay.queue.writer import Checkpointer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+STORED = Recorded.STORED
 
 
 def new(qid: str) -> NewMessage:
@@ -57,19 +59,20 @@ def levels(queue: Queue) -> Iterator[list[str]]:
 
 def delivered(queue: Queue, qid: str) -> Attempt:
     [claimed] = [c for c in queue.claim_due("n", T0, limit=10, lease=60) if c.id == qid]
-    return Attempt(message_id=qid, owner="n", at=T0, next_attempt_at=None, recipients=tuple(
-        RecipientUpdate(r.id, r.address, RecipientStatus.DELIVERED, "250 ok", "delivered")
+    return Attempt(message_id=qid, owner="n",
+                   lease_until=claimed.lease_until, at=T0, next_attempt_at=None, recipients=tuple(
+        RecipientUpdate(r.id, r.address, RecipientStatus.DELIVERED, "250 ok", Outcome.DELIVERED)
         for r in claimed.recipients))
 
 
 def test_accepted_mail_is_durable_and_delivery_records_are_not(
     queue: Queue, levels: list[str]
 ) -> None:
-    assert queue.apply([new("01")]) == [True]
+    assert queue.apply([new("01")]) == [STORED]
     assert levels == ["full"]
     done = delivered(queue, "01")  # the claim: a lease, recovered if lost
     assert levels == ["full", "normal"]
-    assert queue.apply([done]) == [True]
+    assert queue.apply([done]) == [STORED]
     assert levels == ["full", "normal", "normal"]
     assert queue.show("01") is None
 
@@ -80,9 +83,9 @@ def test_a_batch_holding_new_mail_is_durable_whatever_else_it_holds(
     queue.apply([new("01")])
     done = delivered(queue, "01")
     del levels[:]
-    assert queue.apply([done, new("02"), new("03")]) == [True, True, True]
+    assert queue.apply([done, new("02"), new("03")]) == [STORED, STORED, STORED]
     assert levels == ["full"]
-    assert queue.apply([new("04")]) == [True]  # after a non-durable commit on this connection
+    assert queue.apply([new("04")]) == [STORED]  # after a non-durable commit on this connection
     assert levels == ["full", "full"]
 
 
@@ -90,8 +93,8 @@ def test_levels_hold_on_the_writer_s_connection(queue: Queue, levels: list[str])
     with queue.holding_connection():
         queue.apply([new("01")])
         done = delivered(queue, "01")
-        assert queue.apply([done]) == [True]
-        assert queue.apply([new("02")]) == [True]
+        assert queue.apply([done]) == [STORED]
+        assert queue.apply([new("02")]) == [STORED]
     assert levels == ["full", "normal", "normal", "full"]
 
 

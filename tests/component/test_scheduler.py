@@ -25,7 +25,8 @@ from relay.delivery.resolver import NoRoute, Route
 from relay.delivery.scheduler import PREFETCH_MAX_SIZE, Limits, Scheduler
 from relay.ops.metrics import Metrics
 from relay.queue import db
-from relay.queue.access import Claimed, NewMessage, Queue
+from relay.queue.access import Queue
+from relay.queue.rows import Claimed, NewMessage
 from relay.queue.store import Store
 
 REFUSED = Reply(451, "4.4.1 connect to mail.verrotech.com[127.0.0.2]:25: Connection refused")
@@ -345,3 +346,34 @@ async def test_small_bodies_are_read_with_their_claim(store: Store, clock: FakeC
     assert reads == ["many", "one"]  # ten small ones in one read; the big one alone
     assert delivered["BIG"] == big
     assert delivered[small[3]] == b"Subject: x\r\n\r\nbody\r\n"
+
+
+async def test_a_delivery_whose_lease_was_taken_over_is_not_recorded(
+    store: Store, clock: FakeClock
+) -> None:
+    """The lease ran out mid-delivery and another node claimed the message:
+    our record is refused, and neither the mail log, metrics nor our view of
+    the destination take this attempt into account."""
+    [qid] = queue_mail(store, clock, 1)
+    transport = ScriptedTransport(refused)
+    transport.gate = asyncio.Event()
+    scheduler = make_scheduler(store, clock, transport)
+    metrics = scheduler._metrics
+    await scheduler._pass()
+    assert await asyncio.wait_for(transport.arrivals.get(), 10) == qid
+
+    clock.advance(3601)  # past Limits.lease
+    assert store.queue.recover("other-node", clock.now()) == 1
+    [theirs] = store.queue.claim_due("other-node", clock.now(), limit=1, lease=3600)
+    transport.gate.set()  # our site failure comes back, too late
+    await scheduler.run_once()
+
+    [view] = store.queue.list()
+    assert (view.id, view.state, view.attempts) == (qid, "active", 0)
+    assert store.queue.down_destinations() == {}  # the refused record parked nothing
+    assert store.queue.history(qid) == []
+    assert metrics.registry.get_sample_value(
+        "relay_delivery_attempts_total", {"result": "deferred"}) == 0
+    assert metrics._destinations.snapshot() == {}
+    assert scheduler._seen == {}
+    assert theirs.id == qid

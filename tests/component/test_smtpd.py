@@ -25,7 +25,8 @@ from relay.core import config as config_module
 from relay.core.clock import FakeClock
 from relay.ops.metrics import Metrics
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue, QueueError
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage, QueueError
 from relay.queue.schema import messages, recipients
 from relay.smtp import server as smtpd
 from relay.smtp.data import LINE_TOO_LONG

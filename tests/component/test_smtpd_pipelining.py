@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.core.clock import FakeClock
-from relay.queue.access import NewMessage
+from relay.queue.rows import NewMessage
 from relay.smtp.listeners import Listeners, start_listeners
 from relay.smtp.policy import Policy
 from tests.component.test_smtpd import BODY, T0, Client, Ids, make_config

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue, QueueError
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage, QueueError
 from relay.queue.store import Store
 
 

@@ -8,6 +8,7 @@ from itertools import count
 
 import pytest
 
+from relay.core.destination import AttemptOutcome
 from relay.core.model import (
     DeliveryReport,
     MessageState,
@@ -20,9 +21,10 @@ from relay.core.model import (
 from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.outcomes import Rules, decide
 from relay.delivery.resolver import NoRoute
-from relay.queue.access import Claimed, PendingRecipient
+from relay.queue.rows import Claimed, PendingRecipient
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
+LEASE = T0 + timedelta(days=3)  # the claim's lease, carried into its Attempt
 ORIGINAL = b"Subject: hello\r\nMessage-ID: <m1@sender.example>\r\n\r\nbody\r\n"
 
 
@@ -57,6 +59,7 @@ def claimed(
         is_dsn=is_dsn,
         attempts=attempts,
         delay_warned=warned,
+        lease_until=LEASE,
         recipients=tuple(
             PendingRecipient(i, a, RecipientStatus.QUEUED, attempts)
             for i, a in enumerate(addresses, start=1)
@@ -113,7 +116,9 @@ def test_partial_outcome_one_message() -> None:
     # retried after min_backoff (+-10 % jitter), destination is up
     wait = (d.attempt.next_attempt_at - (T0 + timedelta(seconds=5))).total_seconds()
     assert 270 <= wait <= 330
-    assert d.attempt.destination is not None and d.attempt.destination.up
+    assert d.attempt.destination is not None
+    assert d.attempt.destination.outcome is AttemptOutcome.DEFERRED  # reached: up
+    assert (d.attempt.owner, d.attempt.lease_until) == ("n", LEASE)  # the claim's lease
     [dsn] = d.attempt.dsns
     assert dsn.sender == "" and dsn.recipients == ("s@sender.example",) and dsn.is_dsn
     parsed = email.message_from_bytes(dsn.data, policy=email.policy.default)
@@ -152,10 +157,10 @@ def test_site_failure_marks_destination_down_and_parks() -> None:
         original=ORIGINAL,
         destination_failures=2,
     )
-    assert d.destination_down
+    assert d.outcome is AttemptOutcome.SITE_FAILURE
     assert d.attempt.next_attempt_at is None  # parked: the destination decides
     dest = d.attempt.destination
-    assert dest is not None and not dest.up
+    assert dest is not None and dest.outcome is AttemptOutcome.SITE_FAILURE
     assert 1080 <= (dest.retry_at - T0).total_seconds() <= 1320  # third failure: 4 x min
     assert d.attempt.recipients[0].status is RecipientStatus.DEFERRED
     assert d.attempt.dsns == ()
@@ -170,7 +175,7 @@ def test_temporary_dns_failure_is_a_site_failure() -> None:
         report=NoRoute(False, "mail for verrotech.com loops back to myself", "4.4.6"),
         original=ORIGINAL,
     )
-    assert d.destination_down
+    assert d.outcome is AttemptOutcome.SITE_FAILURE
     assert "loops back to myself" in d.attempt.last_error
 
 
@@ -184,6 +189,7 @@ def test_permanent_route_failure_bounces() -> None:
         original=ORIGINAL,
     )
     assert d.attempt.recipients[0].status is RecipientStatus.BOUNCED
+    assert d.outcome is AttemptOutcome.UNROUTABLE  # says nothing of the hosts
     assert b"Status: 5.1.2" in d.attempt.dsns[0].data
 
 
@@ -197,7 +203,7 @@ def test_temporary_failure_past_lifetime_bounces_as_expired() -> None:
         original=ORIGINAL,
     )
     [update] = d.attempt.recipients
-    assert update.status is RecipientStatus.BOUNCED and update.outcome == "expired"
+    assert update.status is RecipientStatus.BOUNCED and update.outcome is Outcome.EXPIRED
     assert b"Status: 5.4.7" in d.attempt.dsns[0].data or b"Status: 5.2.1" in d.attempt.dsns[0].data
 
 
@@ -210,7 +216,8 @@ def test_expired_without_attempt() -> None:
         report=None,
         original=ORIGINAL,
     )
-    assert d.attempt.recipients[0].outcome == "expired"
+    assert d.attempt.recipients[0].outcome is Outcome.EXPIRED
+    assert d.outcome is AttemptOutcome.EXPIRED
     assert not d.attempt.counted
     assert b"Status: 5.4.7" in d.attempt.dsns[0].data
 

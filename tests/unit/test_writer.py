@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.queue.access import NewMessage, QueueError
+from relay.queue.rows import NewMessage, QueueError
 from relay.queue.writer import STOP, Answer, QueueInbox, Request, write_loop
 
 

@@ -59,7 +59,7 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
     from relay import service
     from relay.core import maillog
     from relay.queue import db
-    from relay.queue.access import QueueError
+    from relay.queue.rows import QueueError
 
     maillog.setup(log_level or cfg.log.level, json_lines=cfg.log.format == "json")
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from relay.core.config import Config
-    from relay.queue.access import Queue, Selector
+    from relay.queue.access import Queue
+    from relay.queue.rows import Selector
 
 _ULID = re.compile(r"[0-9A-Za-z]{26}")
 
@@ -79,8 +80,8 @@ def guarded() -> Iterator[None]:
     """Every expected failure becomes one `relay: ...` line and exit 1; never a traceback."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from relay.queue.access import QueueError
     from relay.queue.db import DatabaseError
+    from relay.queue.rows import QueueError
 
     try:
         yield
@@ -216,7 +217,7 @@ def target(
         usage(ctx, "empty queue ID")
 
     def resolve(queue: Queue) -> Target:
-        from relay.queue.access import Selector
+        from relay.queue.rows import Selector
 
         found = queue.existing(wanted) if wanted else set()
         known = tuple(i for i in wanted if i in found)

@@ -155,7 +155,7 @@ def bounce_command(ctx: click.Context, config_path: str | None, ids: tuple[str, 
     from sqlalchemy.exc import SQLAlchemyError
 
     from relay.delivery import outcomes
-    from relay.queue.access import QueueError
+    from relay.queue.rows import QueueError
 
     rules = outcomes.rules_from_config(cfg)
     owner = f"{cfg.node.hostname}/cli-{os.getpid()}"
@@ -202,7 +202,7 @@ def bounce_command(ctx: click.Context, config_path: str | None, ids: tuple[str, 
 def _give_back(queue: Queue, qid: str, owner: str, now: datetime) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from relay.queue.access import QueueError
+    from relay.queue.rows import QueueError
 
     with suppress(QueueError, SQLAlchemyError):  # else its lease runs out and serve recovers it
         queue.unclaim([qid], owner, now)

@@ -18,7 +18,7 @@ import click
 from relay.core.model import MessageState
 
 if TYPE_CHECKING:
-    from relay.queue.access import MessageView
+    from relay.queue.rows import MessageView
 
 
 def iso(when: datetime | None) -> str | None:

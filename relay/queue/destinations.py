@@ -1,0 +1,182 @@
+"""The `destinations` table: each destination's state machine, applied.
+
+Owns the rows of destinations found down and the parking of their mail:
+an attempt's outcome goes through `relay.core.destination.transition` and
+the answer (park, unpark, probe again) is written here, in the caller's
+transaction; probes are started when a destination's retry time comes.
+Refuses to decide anything itself: states and edges are the core module's,
+retry times the caller's.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, Connection, and_, delete, exists, insert, or_, select, update
+
+from relay.core.destination import Action, AttemptOutcome, State, transition
+from relay.core.model import MessageState
+from relay.queue.rows import DestinationUpdate
+from relay.queue.schema import destinations, messages
+from relay.queue.sql import QueueBase
+
+
+def _stored(state: State) -> ColumnElement[bool] | None:
+    """The rows of `destinations` in `state` (None for UP: it may have no row)."""
+    if state is State.DOWN:
+        return and_(destinations.c.up.is_(False), destinations.c.retry_at.is_not(None))
+    if state is State.PROBING:
+        return and_(destinations.c.up.is_(False), destinations.c.retry_at.is_(None))
+    return None
+
+
+class DestinationTable(QueueBase):
+    def _set_destination(self, conn: Connection, dest: DestinationUpdate, now: datetime) -> None:
+        """Apply an attempt that tested the destination's hosts (reached them or not)."""
+        prior = conn.execute(
+            select(destinations.c.up, destinations.c.failures, destinations.c.retry_at).where(
+                destinations.c.name == dest.name
+            )
+        ).first()
+        state = State.of(None, None) if prior is None else State.of(prior.up, prior.retry_at)
+        step = transition(state, dest.outcome)
+        if step.action is Action.NONE:
+            return  # the common case (up and still up): nothing written
+        if step.action is Action.UNPARK:
+            conn.execute(
+                update(destinations)
+                .where(destinations.c.name == dest.name)
+                .values(up=True, failures=0, retry_at=None, last_error="", updated_at=now)
+            )
+            self._unpark(conn, dest.name, now)
+            return
+        if step.action is Action.REPROBE:
+            self._no_word(conn, dest.name, dest.outcome, now)
+            return
+        values: dict[str, object] = {"last_error": dest.error, "updated_at": now}
+        if step.backoff_step:
+            values |= {
+                "up": False,
+                "failures": (prior.failures if prior else 0) + 1,
+                "retry_at": dest.retry_at,
+            }
+        if prior is None:
+            conn.execute(insert(destinations).values(name=dest.name, **values))
+        else:
+            conn.execute(
+                update(destinations).where(destinations.c.name == dest.name).values(**values)
+            )
+        conn.execute(  # the whole destination now waits for one probe
+            update(messages)
+            .where(
+                messages.c.destination == dest.name,
+                messages.c.state == MessageState.DEFERRED.value,
+                messages.c.next_attempt_at.is_not(None),
+            )
+            .values(next_attempt_at=None)
+        )
+
+    def _no_word(
+        self, conn: Connection, destination: str, outcome: AttemptOutcome, now: datetime
+    ) -> None:
+        """An attempt that did not test the hosts (expired, returned): the
+        machine only ever asks to probe again, which one UPDATE does without
+        reading the row first: its WHERE clause is the states that ask it."""
+        states = [s for s in State if transition(s, outcome).action is Action.REPROBE]
+        where = [c for c in map(_stored, states) if c is not None]
+        if not where:
+            return
+        conn.execute(
+            update(destinations)
+            .where(destinations.c.name == destination, or_(*where))
+            .values(retry_at=now)
+        )
+
+    def _unpark(self, conn: Connection, destination: str, now: datetime) -> int:
+        return conn.execute(
+            update(messages)
+            .where(
+                messages.c.destination == destination,
+                messages.c.state == MessageState.DEFERRED.value,
+                messages.c.next_attempt_at.is_(None),
+            )
+            .values(next_attempt_at=now)
+        ).rowcount
+
+    def failures(self, destination: str) -> int:
+        with self._reading() as conn:
+            value = conn.execute(
+                select(destinations.c.failures).where(destinations.c.name == destination)
+            ).scalar()
+        return int(value or 0)
+
+    def start_probes(self, now: datetime, stale_before: datetime) -> list[str]:
+        """Make one parked message due for each down destination whose retry time came.
+
+        The destination's retry time is cleared while its probe runs (it is
+        PROBING), so it is probed once; a probe lost to a crash is retried
+        after `stale_before`.
+        """
+        probed = []
+        with self.engine.begin() as conn:
+            due = (
+                conn.execute(
+                    select(destinations.c.name).where(
+                        destinations.c.up.is_(False),
+                        or_(
+                            destinations.c.retry_at <= now,
+                            and_(
+                                destinations.c.retry_at.is_(None),
+                                destinations.c.updated_at <= stale_before,
+                            ),
+                        ),
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for name in due:
+                probe = conn.execute(
+                    select(messages.c.id)
+                    .where(
+                        messages.c.destination == name,
+                        messages.c.state == MessageState.DEFERRED.value,
+                        messages.c.next_attempt_at.is_(None),
+                    )
+                    .order_by(messages.c.id)
+                    .limit(1)
+                ).scalar()
+                if probe is None:
+                    waiting = conn.execute(
+                        select(
+                            exists().where(
+                                messages.c.destination == name,
+                                messages.c.state != MessageState.HOLD.value,
+                            )
+                        )
+                    ).scalar()
+                    if not waiting:  # nothing waits on it: forget it was down
+                        conn.execute(delete(destinations).where(destinations.c.name == name))
+                        continue
+                else:
+                    conn.execute(
+                        update(messages).where(messages.c.id == probe).values(next_attempt_at=now)
+                    )
+                conn.execute(
+                    update(destinations)
+                    .where(destinations.c.name == name)
+                    .values(retry_at=None, updated_at=now)
+                )
+                probed.append(name)
+        return probed
+
+    def down_destinations(self) -> dict[str, datetime | None]:
+        with self._reading() as conn:
+            return {
+                row.name: row.retry_at
+                for row in conn.execute(
+                    select(destinations.c.name, destinations.c.retry_at).where(
+                        destinations.c.up.is_(False)
+                    )
+                )
+            }
