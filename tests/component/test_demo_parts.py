@@ -7,12 +7,15 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import dns.asyncresolver
 import dns.resolver
 import pytest
 
 from relay.ops.demo.primary import Delivery, Primary
+from relay.ops.demo.relays import DemoError, RelayNode
 from relay.ops.demo.scenario import Result, free_port
 from relay.ops.demo.sender import CLIENT_NAME, Sender
 from relay.ops.demo.zone import HEKTOR, MX_HOSTS, NORWICH, PRIMARY, ZoneServer
@@ -114,3 +117,16 @@ def test_the_cli_loads_the_demo_and_rich_only_when_asked() -> None:
     code = ("import sys; from relay.ops.cli import main; "
             "assert 'rich' not in sys.modules and 'relay.ops.demo' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_a_relay_that_cannot_start_is_named_with_its_own_error(
+    tmp_path: Path, port: int,
+) -> None:
+    async def ignore(relay: RelayNode, record: dict[str, Any]) -> None:
+        return None
+
+    node = RelayNode(HEKTOR, tmp_path, port, "127.0.0.1:1", ignore)
+    node.config.write_text(node.config.read_text() + "\n[smtp2]\nx = 1\n")
+    with pytest.raises(DemoError, match=r"^Hektor did not start: .*smtp2: unknown key"):
+        await node.start(timeout=30)
+    assert not node.running

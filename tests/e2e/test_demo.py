@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -76,3 +77,29 @@ def test_demo_refuses_too_few_messages(tmp_path: Path) -> None:
     assert "Invalid value for '--messages'" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_the_demo_and_its_relays_and_removes_its_directory(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", "--messages", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the relays are up once the story starts
+            if line.startswith("1. The primary is down"):
+                break
+        else:
+            raise AssertionError(f"demo ended early: {proc.wait()} {proc.stderr.read()}")
+        assert processes_mentioning(str(tmp_path))  # the relays run from the demo's directory
+        proc.send_signal(signal.SIGINT)
+        rest, errors = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest + errors
+    assert "Traceback" not in errors
+    assert list(tmp_path.iterdir()) == []
+    assert processes_mentioning(str(tmp_path)) == []

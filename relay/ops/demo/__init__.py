@@ -20,6 +20,8 @@ from relay.ops.demo.timeline import Timeline
 
 __all__ = ["run"]
 
+INTERRUPTED = 130  # the exit status after Ctrl-C, as a shell reports SIGINT
+
 
 def run(messages: int) -> int:
     """Run the demo with `messages` messages; print its timeline; the exit status."""
@@ -36,6 +38,9 @@ def run(messages: int) -> int:
         except DemoError as exc:
             timeline.console.print(f"[red]demo: {exc}[/]")
             result, failed = demo.tally(), True
+        except KeyboardInterrupt:  # the relays were stopped on the way out
+            timeline.console.print("[red]demo: interrupted[/]")
+            return INTERRUPTED
         finally:
             demo.close()
     print(result.line, flush=True)

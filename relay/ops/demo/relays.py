@@ -107,6 +107,7 @@ class RelayNode:
             sys.executable, "-m", "relay", "-c", str(self.config), "serve",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, env=env,
+            start_new_session=True,  # a Ctrl-C reaches the demo, which stops the relays once
         )
         self._reader = asyncio.create_task(self._read(self._proc))
         ready = asyncio.create_task(self._ready.wait())
