@@ -135,6 +135,16 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
         click.echo(f"{rev.current} (head is {rev.head}): run relay db upgrade")
 
 
+@main_group.command()
+@click.option("--messages", default=20, show_default=True, type=click.IntRange(2, 500),
+              help="how many messages the sender sends")
+def demo(messages: int) -> None:
+    """Run the reference deployment on loopback: the primary MX down, two relays, nothing lost."""
+    from relay.ops.demo import run
+
+    sys.exit(run(messages))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
