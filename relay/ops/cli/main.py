@@ -124,12 +124,18 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
         click.echo(f"{rev.current} (head is {rev.head}): run relay db upgrade")
 
 
+def command_tree() -> click.Group:
+    """Every `relay` command; the heavier groups are imported only here, when a
+    command runs (and by the man page generator, which documents this tree)."""
+    from relay.ops.cli.queue import queue_group
+
+    main_group.add_command(queue_group, "queue")
+    return main_group
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
-        from relay.ops.cli.queue import queue_group
-
-        main_group.add_command(queue_group, "queue")
-        main_group(prog_name="relay")
+        command_tree()(prog_name="relay")
     except KeyboardInterrupt:
         sys.exit(130)
