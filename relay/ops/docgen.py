@@ -2,7 +2,7 @@
 
 Owns `docs/configuration.md` (written from the pydantic model of
 `relay/core/config.py`: every section and key, its type, its default and the
-field's docstring) and `docs/man/relay*.1` (plain roff written from the click
+docstring written under the field) and `docs/man/relay*.1` (plain roff written from the click
 command tree: its help texts, usage lines and options). Run
 `python -m relay.ops.docgen` after changing either; `tests/unit/test_docs_current.py`
 fails while the committed files differ from what this writes.
@@ -16,9 +16,13 @@ changes nothing.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import json
 import re
 import sys
+import textwrap
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,14 +153,35 @@ def _sections() -> Iterator[tuple[str, type[BaseModel]]]:
         yield name, field.annotation
 
 
-def _key_rows(table: str, model: type[BaseModel]) -> Iterator[tuple[str, FieldInfo]]:
+def field_docs(model: type[BaseModel]) -> dict[str, str]:
+    """The docstring written under each field of `model` (`key: T = default` then
+    `\"\"\"...\"\"\"`), read from its source here rather than by pydantic's
+    `use_attribute_docstrings`, which would parse the source on every `relay` start."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(model)))
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for stmt, after in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _key_rows(table: str, model: type[BaseModel]) -> Iterator[tuple[str, FieldInfo, str]]:
+    docs = field_docs(model)
     for key, field in model.model_fields.items():
-        if not field.description:
+        description = field.description or docs.get(key)
+        if not description:
             raise DocError(
-                f"relay/core/config.py: {table}.{key} has no docstring "
+                f"{inspect.getsourcefile(model)}: {table}.{key} has no docstring "
                 f"(write one under the field; it is the reference's description)"
             )
-        yield key, field
+        yield key, field, description
 
 
 def configuration_reference() -> str:
@@ -189,12 +214,12 @@ def configuration_reference() -> str:
         out += [f"## `[{table}]`", "", summary, ""]
         out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         example.append(f"[{table}]" if table != 'domains."NAME"' else '[domains."example.com"]')
-        for key, field in _key_rows(table, model):
+        for key, field, description in _key_rows(table, model):
             kind = type_name(field.annotation, field.metadata)
             default = toml_value(field.default, field.metadata)
             out.append(
                 f"| `{key}` | {_cell(kind)} | `{_cell(default)}` "
-                f"| {_cell(_one_line(field.description))} |"
+                f"| {_cell(_one_line(description))} |"
             )
             example.append(f"{key} = {default}")
         out.append("")
@@ -298,11 +323,11 @@ def _see_also(pages: list[str], this: str) -> list[str]:
 def man_pages(root: click.Group) -> dict[str, str]:
     """`relay.1` for the top level and `relay-<command>.1` per command."""
     top = click.Context(root, info_name="relay", **root.context_settings)
-    names = root.list_commands(top)
+    names = [n for n in root.list_commands(top) if not root.commands[n].hidden]
     pages = ["relay", *(f"relay-{name}" for name in names)]
     result: dict[str, str] = {}
 
-    out = _title("relay", _one_line(root.help))
+    out = _title("relay", _one_line(root.help).removeprefix("mx-relay: "))
     out += [".SH SYNOPSIS", *_synopsis(top), ".SH DESCRIPTION"]
     for paragraph in _paragraphs(root.help or ""):
         out += [roff(paragraph), ".PP"]
@@ -339,6 +364,8 @@ def man_pages(root: click.Group) -> dict[str, str]:
         if isinstance(command, click.Group):
             out.append(".SH COMMANDS")
             for sub in command.list_commands(ctx):
+                if command.commands[sub].hidden:
+                    continue
                 sub_ctx = click.Context(command.commands[sub], info_name=sub, parent=ctx)
                 out += _command_section(sub_ctx)
         out += [*_EXIT_STATUS, *_see_also(pages, page)]
