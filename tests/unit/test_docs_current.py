@@ -8,6 +8,7 @@ every command, option, metric, rejection reason and SMTP reply code the code has
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,14 @@ def test_durations_written_as_an_operator_would(seconds: float, text: str) -> No
 
 def test_roff_escapes() -> None:
     assert docgen.roff(".hidden --all `hold` a\\b") == "\\&.hidden \\-\\-all \\fBhold\\fR a\\eb"
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="no groff here")
+@pytest.mark.parametrize("page", sorted(p.name for p in (DOCS / "man").glob("*.1")))
+def test_man_page_renders_without_warnings(page: str) -> None:
+    result = subprocess.run(
+        ["groff", "-man", "-ww", "-z", str(DOCS / "man" / page)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 0
+    assert result.stderr == ""
