@@ -178,7 +178,7 @@ class SmtpConfig(_Section):
     max_connections_per_ip: int = Field(20, ge=1)
     """Simultaneous SMTP sessions per client IP; more are greeted with `421 4.7.0`."""
     max_messages_per_ip_per_minute: int = Field(600, ge=0)
-    """MAIL commands per client IP a minute; more get `450 4.7.1`; 0 refuses every message."""
+    """MAIL commands per client IP a minute; more get `450 4.7.1`; 0 = no limit."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands; then `421 4.4.2` and the session is closed; 0 = no
     timeout."""
@@ -246,8 +246,8 @@ class DeliveryConfig(_Section):
     connect_timeout: Duration = 30.0
     """Time allowed to connect to one next-hop address before trying the next one."""
     tls: Literal["none", "opportunistic", "required"] = "opportunistic"
-    """STARTTLS to next hops: `none` never, `opportunistic` when offered, `required` or the attempt
-    is deferred."""
+    """STARTTLS to next hops: `none` never, `opportunistic` when offered, `required` or that
+    hop counts as failed (certificates are not verified in any mode)."""
     min_backoff: Duration = 300.0
     """Wait after the first failed attempt; doubles with each attempt (with jitter) up to
     `max_backoff`. Must be above 0."""
