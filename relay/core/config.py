@@ -141,8 +141,14 @@ class _Section(BaseModel):
 
 
 class NodeConfig(_Section):
+    """`[node]`: who this relay is, for banners, headers and MX loop avoidance."""
+
     hostname: str = "localhost"
+    """Our host name: SMTP banner, EHLO name, Received header, DSN Reporting-MTA; an MX host of this
+    name is this node (loop avoidance)."""
     addresses: tuple[str, ...] = ()
+    """Extra IP addresses that are "me" for MX loop avoidance (NAT, proxies); the listen IPs always
+    count."""
 
     @field_validator("addresses")
     @classmethod
@@ -158,18 +164,36 @@ class NodeConfig(_Section):
 
 
 class SmtpConfig(_Section):
+    """`[smtp]`: the accept side: listeners, size and rate limits, timeouts, STARTTLS, ETRN."""
+
     listen: tuple[ListenAddress, ...] = (HostPort("0.0.0.0", 25),)
+    """Addresses to accept SMTP on, as `"ip:port"` (`"[::]:25"` for IPv6); a single string is one
+    address. `$RELAY_LISTEN` (comma-separated) overrides it."""
     max_message_size: Size = 35_000_000
+    """Largest message accepted; advertised as EHLO `SIZE`; larger gets `552 5.3.4`."""
     max_recipients: int = Field(100, ge=1)
+    """Recipients per message; more get `452 4.5.3`."""
     max_connections: int = Field(1000, ge=1)
+    """Simultaneous SMTP sessions in all; more are greeted with `421 4.7.0`."""
     max_connections_per_ip: int = Field(20, ge=1)
+    """Simultaneous SMTP sessions per client IP; more are greeted with `421 4.7.0`."""
     max_messages_per_ip_per_minute: int = Field(600, ge=0)
+    """MAIL commands per client IP a minute; more get `450 4.7.1`; 0 = no limit."""
     command_timeout: Duration = 300.0
+    """Idle time allowed between commands; then `421 4.4.2` and the session is closed; 0 = no
+    timeout."""
     data_timeout: Duration = 600.0
+    """Idle time allowed inside DATA (a slow but steady client is not cut off); 0 = no timeout."""
     shutdown_grace: Duration = 10.0  # on SIGTERM, for messages still arriving
+    """On SIGTERM, how long a message still arriving may finish before its session hears `421` and
+    the message is dropped (never acknowledged, so its client sends it again)."""
     tls_cert: str = ""
+    """PEM certificate (chain) file; STARTTLS is offered when both `tls_cert` and `tls_key` are set.
+    Relative to the config file."""
     tls_key: str = ""
+    """PEM private key file for `tls_cert`; set both or neither. Relative to the config file."""
     etrn_clients: tuple[str, ...] = ()
+    """IP addresses or CIDR networks allowed to send `ETRN <domain>`; others get `459 4.7.1`."""
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -193,8 +217,14 @@ class SmtpConfig(_Section):
 
 
 class QueueConfig(_Section):
+    """`[queue]`: where the queue lives and how long its delivery log is kept."""
+
     url: str = "sqlite:////var/lib/relay/queue.db"  # absolute: /var/lib/relay/queue.db
+    """SQLAlchemy URL of the queue database: `sqlite:////var/lib/relay/queue.db` (four slashes
+    for an absolute path) or `postgresql+psycopg://user:password@host/dbname`.
+    `$RELAY_QUEUE_URL` overrides it."""
     log_retention: Duration = 7 * 86400.0
+    """How long per-recipient outcomes stay in the delivery log after a message leaves the queue."""
 
     @field_validator("url")
     @classmethod
@@ -205,15 +235,28 @@ class QueueConfig(_Section):
 
 
 class DeliveryConfig(_Section):
+    """`[delivery]`: outbound SMTP to next hops: concurrency, TLS, retry timing, lifetime."""
+
     port: int = Field(25, ge=1, le=65535)
+    """TCP port used to reach next hops found by MX lookup."""
     concurrency: int = Field(100, ge=1)
+    """Simultaneous outbound SMTP sessions, in all."""
     per_destination_concurrency: int = Field(20, ge=1)
+    """Simultaneous outbound SMTP sessions to one destination domain."""
     connect_timeout: Duration = 30.0
+    """Time allowed to connect to one next-hop address before trying the next one."""
     tls: Literal["none", "opportunistic", "required"] = "opportunistic"
+    """STARTTLS to next hops: `none` never, `opportunistic` when offered, `required` or that
+    hop counts as failed (certificates are not verified in any mode)."""
     min_backoff: Duration = 300.0
+    """Wait after the first failed attempt; doubles with each attempt (with jitter) up to
+    `max_backoff`. Must be above 0."""
     max_backoff: Duration = 3600.0
+    """Longest wait between two attempts; not less than `min_backoff`."""
     max_lifetime: Duration = 5 * 86400.0
+    """Time in the queue after which undelivered recipients are bounced to the sender."""
     delay_warning: Duration = 0.0
+    """Age at which the sender gets one delay DSN; 0 = never send delay DSNs."""
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DeliveryConfig:
@@ -225,8 +268,13 @@ class DeliveryConfig(_Section):
 
 
 class DnsConfig(_Section):
+    """`[dns]`: the resolver used for MX, A and AAAA lookups."""
+
     nameservers: tuple[str, ...] = ()
+    """Name servers as `"ip"` or `"ip:port"` (port 53 by default); empty = the system resolver
+    (/etc/resolv.conf)."""
     timeout: Duration = 5.0
+    """Time allowed for one DNS lookup; a timeout defers the delivery."""
 
     @field_validator("nameservers")
     @classmethod
@@ -244,7 +292,10 @@ class DnsConfig(_Section):
 
 
 class MetricsConfig(_Section):
+    """`[metrics]`: the HTTP endpoint for Prometheus `/metrics` and `/healthz`."""
+
     listen: str = "127.0.0.1:9025"
+    """`"ip:port"` serving Prometheus `/metrics` and `/healthz`; `""` disables the endpoint."""
 
     @field_validator("listen")
     @classmethod
@@ -259,14 +310,26 @@ class MetricsConfig(_Section):
 
 
 class LogConfig(_Section):
+    """`[log]`: the mail log and diagnostics on stderr."""
+
     format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
+    """`text`: Postfix-like lines; `json`: one JSON object per line, for log shippers."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level logged; `relay serve --log-level` overrides it."""
 
 
 class DomainConfig(_Section):
+    """`[domains."NAME"]`: one table per hosted domain (either spelling of an IDN)."""
+
     recipients: tuple[str, ...] = ()
+    """Local parts or full addresses accepted for this domain (`@domain` accepts all); empty (and no
+    `recipients_file`) = accept any."""
     recipients_file: str = ""
+    """File with one address or local part a line (`#` comments), added to `recipients` and re-read
+    when it changes. Relative to the config file."""
     next_hop: str = ""
+    """`"host:port"` or `"[ip]:port"` (port 25 by default) to deliver to instead of looking up MX
+    records."""
 
     @field_validator("recipients")
     @classmethod
@@ -282,6 +345,8 @@ class DomainConfig(_Section):
 
 
 class Config(_Section):
+    """The whole file: one table per section, `[domains."NAME"]` per hosted domain."""
+
     node: NodeConfig = NodeConfig()
     smtp: SmtpConfig = SmtpConfig()
     queue: QueueConfig = QueueConfig()
@@ -290,6 +355,8 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     domains: dict[str, DomainConfig] = {}
+    """Hosted domains, one `[domains."NAME"]` table each; mail for any other domain is refused with
+    `554 5.7.1`."""
     source: str = "<defaults>"
 
     @field_validator("domains")

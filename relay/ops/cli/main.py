@@ -19,7 +19,6 @@ from typing import Any
 import click
 
 from relay.ops.cli.common import config_option, fail, load_config
-from relay.ops.cli.queue import queue_group
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
 
@@ -145,10 +144,18 @@ def demo(messages: int) -> None:
     sys.exit(run(messages))
 
 
+def command_tree() -> click.Group:
+    """Every `relay` command; the heavier groups are imported only here, when a
+    command runs (and by the man page generator, which documents this tree)."""
+    from relay.ops.cli.queue import queue_group
+
+    main_group.add_command(queue_group, "queue")
+    return main_group
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
-        main_group.add_command(queue_group, "queue")
-        main_group(prog_name="relay")
+        command_tree()(prog_name="relay")
     except KeyboardInterrupt:
         sys.exit(130)
