@@ -89,6 +89,11 @@ class Reloader:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settled(self) -> None:
+        """Wait for the reloads requested so far to end."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def reload(self) -> bool:
         """Re-read and apply the config; False when it was refused."""
         async with self._lock:
