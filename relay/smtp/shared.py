@@ -78,7 +78,6 @@ class Settings:
     """What a session reads of the config and the policy built from it; taken
     once per connection, so one attribute read is all a reload costs a session."""
 
-    config: Config
     policy: Policy
     tls_context: ssl.SSLContext | None
     max_size: int
@@ -92,7 +91,7 @@ class Settings:
               tls_context: ssl.SSLContext | None) -> Settings:
         smtp = config.smtp
         return cls(
-            config=config, policy=policy, tls_context=tls_context,
+            policy=policy, tls_context=tls_context,
             max_size=smtp.max_message_size, max_recipients=smtp.max_recipients,
             command_timeout=smtp.command_timeout or NO_TIMEOUT,
             data_timeout=smtp.data_timeout or NO_TIMEOUT,
