@@ -1,10 +1,13 @@
 """`relay serve`: wires listener, scheduler and store together, and handles signals.
 
 Owns process lifetime: migrate or refuse the database, start the SMTP
-listeners and the scheduler, stop on SIGTERM/SIGINT by closing the listeners
-first, letting in-flight deliveries finish (or putting them back), flushing
-the last commits and exiting 0; a second signal during all that stops at
-once (exit 1). Refuses business logic: each part lives in its own module.
+listeners (a listener that cannot bind is named, SMTP or metrics, with its
+address and the cause) and the scheduler, stop on SIGTERM/SIGINT by closing
+the listeners first, letting in-flight deliveries finish (or putting them
+back), flushing the last commits and exiting 0; a second signal during all
+that stops at once (exit 1). SIGHUP re-reads the config (`relay.reload`) and
+hands each running part its new settings through `_prepare_reload`. Refuses
+business logic: each part lives in its own module.
 """
 
 from __future__ import annotations
@@ -12,14 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 
 from relay.cluster import notify
+from relay.core import config as configuration
+from relay.core import maillog
 from relay.core.clock import Clock, SystemClock
-from relay.core.config import Config
+from relay.core.config import Config, ConfigError
+from relay.core.oserror import ListenError, cause
 from relay.delivery.outcomes import rules_from_config
 from relay.delivery.resolver import DnsResolver, Identity
 from relay.delivery.scheduler import Limits, Scheduler
@@ -30,7 +38,9 @@ from relay.queue import db
 from relay.queue.access import Queue
 from relay.queue.rows import NewMessage, domain_of, new_queue_id
 from relay.queue.store import Store
-from relay.smtp.listeners import start_listeners
+from relay.reload import Reloader
+from relay.smtp.listeners import Listeners, start_listeners, tls_context
+from relay.smtp.policy import Policy
 
 log = logging.getLogger("relay.service")
 
@@ -43,6 +53,69 @@ def identity(config: Config) -> Identity:
     addresses = {a.host for a in config.smtp.listen if a.host not in ("0.0.0.0", "::")}
     addresses.update(config.node.addresses)
     return Identity(hostname=config.node.hostname, addresses=frozenset(addresses))
+
+
+def _limits(config: Config, poll_interval: float | None) -> Limits:
+    limits = Limits(
+        concurrency=config.delivery.concurrency,
+        per_destination=config.delivery.per_destination_concurrency,
+        log_retention=config.queue.log_retention,
+    )
+    if poll_interval is not None:
+        limits = dataclasses.replace(limits, poll_interval=poll_interval)
+    return limits
+
+
+def _resolver(config: Config) -> DnsResolver:
+    return DnsResolver(
+        nameservers=config.dns.nameserver_addresses,
+        timeout=config.dns.timeout,
+        identity=identity(config),
+        port=config.delivery.port,
+    )
+
+
+def _next_hops(config: Config) -> dict[str, str]:
+    return {name: d.next_hop for name, d in config.domains.items() if d.next_hop}
+
+
+def _server_tls(config: Config) -> ssl.SSLContext | None:
+    """The STARTTLS context from the files as they are now, or the config problem."""
+    try:
+        return tls_context(config)
+    except OSError as exc:  # ssl.SSLError included: a key that does not match, a bad PEM
+        reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else cause(exc)
+        problem = (f"{config.source}: smtp.tls_cert: cannot load {config.smtp.tls_cert} "
+                   f"with {config.smtp.tls_key}: {reason}")
+        raise ConfigError([problem]) from None
+
+
+def _prepare_reload(
+    listeners: Listeners, scheduler: Scheduler, transport: SmtpTransport,
+    reloader: Reloader, log_level: str | None, poll_interval: float | None,
+) -> Callable[[Config], Callable[[], None]]:
+    """What SIGHUP changes, built in a worker thread (where a bad certificate is
+    found before anything changed); the step returned swaps it in on the loop."""
+
+    def prepare(new: Config) -> Callable[[], None]:
+        tls = _server_tls(new)
+        policy = Policy(new)
+        rules = rules_from_config(new)
+        resolver = _resolver(new)
+
+        def commit() -> None:
+            old = reloader.config
+            listeners.reconfigure(new, policy, tls)
+            scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
+                                  next_hops=_next_hops(new), resolver=resolver)
+            transport.tls = new.delivery.tls
+            transport.connect_timeout = new.delivery.connect_timeout
+            if new.log != old.log:  # `serve --log-level` wins over the file, as at start
+                maillog.setup(log_level or new.log.level, json_lines=new.log.format == "json")
+
+        return commit
+
+    return prepare
 
 
 def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -68,6 +141,8 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
 async def serve(
     config: Config,
     *,
+    config_path: str | None = None,
+    log_level: str | None = None,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -75,12 +150,19 @@ async def serve(
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT arrive).
 
-    `poll_interval`: how often the scheduler looks for due work unasked
+    `config_path`: the file `config` came from, re-read (with the same
+    environment overrides) on SIGHUP; `log_level`: `serve --log-level`, which
+    a reload keeps. `poll_interval`: how often the scheduler looks for due work unasked
     (default: `Limits`'); wake-ups from other processes come at once anyway.
     """
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
-    _stop_on_signals(asyncio.get_running_loop(), stop)
+    loop = asyncio.get_running_loop()
+    _stop_on_signals(loop, stop)
+    reloader = Reloader(config, functools.partial(configuration.load, config_path)
+                        if config_path else None)
+    with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
 
     engine = db.connect(config.queue.url, background_checkpoints=True)
     revision = await asyncio.to_thread(db.ensure_ready, engine)
@@ -93,27 +175,15 @@ async def serve(
         tls=config.delivery.tls,
         connect_timeout=config.delivery.connect_timeout,
     )
-    limits = Limits(
-        concurrency=config.delivery.concurrency,
-        per_destination=config.delivery.per_destination_concurrency,
-        log_retention=config.queue.log_retention,
-    )
-    if poll_interval is not None:
-        limits = dataclasses.replace(limits, poll_interval=poll_interval)
     scheduler = Scheduler(
         store=store,
-        resolver=DnsResolver(
-            nameservers=config.dns.nameserver_addresses,
-            timeout=config.dns.timeout,
-            identity=identity(config),
-            port=config.delivery.port,
-        ),
+        resolver=_resolver(config),
         transport=transport,
         rules=rules,
-        limits=limits,
+        limits=_limits(config, poll_interval),
         clock=clock,
         owner=config.node.hostname,
-        next_hops={name: d.next_hop for name, d in config.domains.items() if d.next_hop},
+        next_hops=_next_hops(config),
         metrics=metrics,
     )
 
@@ -145,7 +215,12 @@ async def serve(
     http = None
     if config.metrics.address is not None:
         health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping)
-        http = await start_http(config.metrics.address, metrics.registry, health)
+        try:
+            http = await start_http(config.metrics.address, metrics.registry, health)
+        except OSError as exc:
+            listeners.close()
+            await listeners.wait_closed()
+            raise ListenError("metrics", str(config.metrics.address), exc) from exc
     wakeups = notify.listener(engine, scheduler.wake)  # a flush by `relay queue` wakes us
     wakeups.start(asyncio.get_running_loop())
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
@@ -154,16 +229,21 @@ async def serve(
         ", ".join(str(a) for a in config.smtp.listen),
         engine.url.render_as_string(),
     )
+    reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
+                                    poll_interval))
     if on_ready:
         on_ready()
     try:
         await stop.wait()
     finally:
         log.info("stopping: no new connections; finishing deliveries")
+        with contextlib.suppress(RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
         listeners.close()
-        if not await listeners.wait_sessions(config.smtp.shutdown_grace):
+        grace = reloader.config.smtp.shutdown_grace
+        if not await listeners.wait_sessions(grace):
             log.warning("stopping: messages still arriving after %g s are dropped; "
-                        "their clients will send them again", config.smtp.shutdown_grace)
+                        "their clients will send them again", grace)
             listeners.stop_receiving()
         await listeners.wait_closed()
         await scheduler.stop(SHUTDOWN_GRACE)

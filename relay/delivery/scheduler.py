@@ -105,6 +105,20 @@ class Scheduler:
         # of one read per delivery), by queue ID; taken when delivered.
         self._prefetched: dict[str, bytes] = {}
 
+    def reconfigure(self, *, rules: Rules, limits: Limits, next_hops: dict[str, str],
+                    resolver: Resolver) -> None:
+        """A reload: the next claims and attempts follow these; deliveries under
+        way finish as they began, and a destination's window keeps its size
+        within the new per-destination limit."""
+        self._rules = rules
+        self._limits = limits
+        for window in self._windows.values():
+            window.limit = limits.per_destination
+            window.size = min(window.size, float(window.limit))
+        self._next_hops = next_hops
+        self._resolver = resolver
+        self.wake()
+
     def wake(self) -> None:
         """New mail or a flush: look for due work now instead of at the next tick."""
         self._wake.set()

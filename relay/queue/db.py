@@ -1,14 +1,19 @@
 """Database connections and schema migrations.
 
 Owns how we connect (URL normalisation, SQLite durability pragmas, write
-transactions that take the lock up front) and the Alembic revision checks
-that `relay serve` and `relay db` perform. Refuses to know any table's
-contents: that is the queue's parts (`writes.py`, `commands.py`, `views.py`).
+transactions that take the lock up front), the Alembic revision checks that
+`relay serve` and `relay db` perform, and the wording of a database that
+cannot be opened: every such error names the resolved location (SQLite's
+absolute path; PostgreSQL's host, port and database, never a password) and
+the cause. Refuses to know any table's contents: that is the queue's parts
+(`writes.py`, `commands.py`, `views.py`).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 import relay.migrations
+from relay.core.oserror import cause
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -47,6 +53,79 @@ def normalise_url(url: str) -> URL:
             return parsed.set(drivername="postgresql+psycopg")
         return parsed
     raise DatabaseError(f"unsupported database URL scheme {parsed.drivername!r}")
+
+
+def location(url: str | URL) -> str:
+    """Where the queue lives, as error lines name it: SQLite's absolute path, or
+    `PostgreSQL at host:port/database` (no user, no password)."""
+    parsed = url if isinstance(url, URL) else make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        return database if database in ("", ":memory:") else os.path.abspath(database)
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"PostgreSQL at {parsed.host or 'localhost'}{port}/{parsed.database or ''}"
+
+
+def open_problem(url: str) -> str | None:
+    """Why `relay serve` could not open the SQLite queue at `url`, found by
+    looking (stat, access) without creating anything: `permission denied`,
+    `no such directory ...`, `a file is in the way ...`, `read-only file system`.
+    None when nothing is visibly wrong, or for PostgreSQL (only connecting tells)."""
+    try:
+        parsed = normalise_url(url)
+    except Exception as exc:  # sqlalchemy's URL parser raises ArgumentError
+        return f"bad queue.url: {exc}"
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return _sqlite_problem(location(parsed))
+
+
+def _sqlite_problem(path: str) -> str | None:
+    """`open_problem` for an absolute path. SQLite writes the database and,
+    beside it, its -wal and -shm files: the directory must take new files."""
+    nearest, missing = path, False  # the nearest part of the path that exists
+    while True:
+        try:
+            found = os.stat(nearest)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            nearest, missing = os.path.dirname(nearest), True
+        except OSError as exc:
+            return cause(exc)
+    directory = os.path.dirname(path)
+    if not missing:  # the database file is there
+        if stat.S_ISDIR(found.st_mode):
+            return "a directory is in the way"
+        if _read_only(path):
+            return "read-only file system"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return "permission denied"
+        found, nearest = os.stat(directory), directory
+    if not stat.S_ISDIR(found.st_mode):
+        return f"a file is in the way: {nearest} is not a directory"
+    if _read_only(nearest):
+        return "read-only file system"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        if nearest != directory:
+            return f"no such directory {directory}, and {nearest} does not let us create it"
+        return f"permission denied: cannot create files in {directory}"
+    return None
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _failure(what: str, engine: Engine, exc: BaseException) -> DatabaseError:
+    """`what: location: cause`; for SQLite the cause is looked for on disk first,
+    as its own message ("unable to open database file") never says which."""
+    where = location(engine.url)
+    on_disk = engine.dialect.name == "sqlite" and os.path.isabs(where)
+    found = _sqlite_problem(where) if on_disk else None
+    return DatabaseError(f"{what}: {where}: {found or _one_line(exc)}")
 
 
 def _sqlite_setup(engine: Engine, background_checkpoints: bool) -> None:
@@ -123,11 +202,14 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
         raise DatabaseError(f"bad queue.url {url!r}: {exc}") from None
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
+            path = location(parsed)
+            if problem := _sqlite_problem(path):
+                raise DatabaseError(f"cannot open the queue database {path}: {problem}")
             try:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DatabaseError(
-                    f"cannot create directory for {parsed.database}: {exc.strerror}"
+                    f"cannot create the directory of {path}: {cause(exc)}"
                 ) from None
         engine = create_engine(parsed, pool_size=8, max_overflow=8)
         _sqlite_setup(engine, background_checkpoints)
@@ -199,7 +281,7 @@ def revision(engine: Engine) -> Revision:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"database unreachable: {_one_line(exc)}") from None
+        raise _failure("database unreachable", engine, exc) from None
     return Revision(current=current, head=head)
 
 
@@ -208,7 +290,8 @@ def upgrade(engine: Engine) -> Revision:
     before = revision(engine)
     if before.current is not None and not is_known(before.current):
         raise DatabaseError(
-            f"database is at unknown revision {before.current} (newer than this relay?)"
+            f"database {location(engine.url)} is at unknown revision {before.current} "
+            "(newer than this relay?)"
         )
     from alembic import command
 
@@ -218,7 +301,7 @@ def upgrade(engine: Engine) -> Revision:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"migration failed: {_one_line(exc)}") from None
+        raise _failure("migration failed", engine, exc) from None
     return revision(engine)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from relay.core.clock import Clock
 from relay.core.config import Config
+from relay.core.oserror import ListenError
 from relay.smtp.policy import Policy
 from relay.smtp.server import RelaySMTP
 from relay.smtp.shared import OnEtrn, Shared, SmtpMetrics, SmtpStats, Submit
@@ -47,6 +48,11 @@ class Listeners:
         """Close the listening sockets; sessions already connected go on."""
         for server in self._servers:
             server.close()
+
+    def reconfigure(self, config: Config, policy: Policy,
+                    tls_context: ssl.SSLContext | None) -> None:
+        """A reload: sessions that connect from now on work under `config`."""
+        self._shared.reconfigure(config, policy, tls_context)
 
     async def wait_sessions(self, timeout: float | None = None) -> bool:
         """Wait until every connection has ended; False if `timeout` passed first."""
@@ -96,7 +102,8 @@ class Listeners:
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The STARTTLS server context, when smtp.tls_cert and smtp.tls_key are set."""
+    """The STARTTLS server context, when smtp.tls_cert and smtp.tls_key are set;
+    read from the files each time, so a reload picks up a renewed certificate."""
     if not config.smtp.tls_enabled:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -114,7 +121,8 @@ async def start_listeners(
     policy: Policy | None = None,
     metrics: SmtpMetrics | None = None,
 ) -> Listeners:
-    """Listen on every smtp.listen address; returns once all are bound.
+    """Listen on every smtp.listen address; returns once all are bound, or
+    raises `ListenError` naming the address that could not be (and why).
 
     `submit` returns an awaitable that is done only once the message is
     durably stored (and raises on failure); `on_etrn(domain)` makes that
@@ -129,10 +137,13 @@ async def start_listeners(
     servers: list[asyncio.Server] = []
     try:
         for address in config.smtp.listen:
-            servers.append(await loop.create_server(
-                lambda: RelaySMTP(shared), address.host, address.port,
-                reuse_address=True, backlog=backlog,
-            ))
+            try:
+                servers.append(await loop.create_server(
+                    lambda: RelaySMTP(shared), address.host, address.port,
+                    reuse_address=True, backlog=backlog,
+                ))
+            except OSError as exc:
+                raise ListenError("SMTP", str(address), exc) from exc
     except BaseException:
         for server in servers:
             server.close()

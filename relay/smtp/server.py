@@ -88,6 +88,7 @@ class RelaySMTP(SMTP):
 
     def __init__(self, shared: Shared) -> None:
         self._shared = shared
+        self._settings = shared.settings  # this session's config, whatever a reload does
         self.client_ip = "unknown"
         self.admitted = False
         self.handler_task: asyncio.Task[None] | None = None
@@ -115,16 +116,17 @@ class RelaySMTP(SMTP):
             self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected, loop=loop)
         self.event_handler = shared.handler
-        self.data_size_limit = shared.max_size
+        settings = self._settings
+        self.data_size_limit = settings.max_size
         self.enable_SMTPUTF8 = True
         self._decode_data = False
         # aiosmtpd keeps this dict on the class, shared by every session; EHLO
         # grows it. A per-session copy keeps sessions independent.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.hostname = shared.hostname
-        self.tls_context = shared.tls_context
+        self.tls_context = settings.tls_context
         self.require_starttls = False
-        self._timeout_duration = shared.command_timeout
+        self._timeout_duration = settings.command_timeout
         self._timeout_handle = None
         self._tls_handshake_okay = True
         self._tls_protocol = None
@@ -182,9 +184,9 @@ class RelaySMTP(SMTP):
             return
         if self._in_data:
             idle = self.loop.time() - self._data_seen
-            if idle < self._shared.data_timeout:
+            if idle < self._settings.data_timeout:
                 self._timeout_handle = self.loop.call_later(
-                    self._shared.data_timeout - idle, self._timeout_cb
+                    self._settings.data_timeout - idle, self._timeout_cb
                 )
                 return
         log.info("timeout %s from [%s]", "in DATA" if self._in_data else "waiting for a command",
@@ -240,7 +242,7 @@ class RelaySMTP(SMTP):
     # -- EHLO and the verbs we do not offer -----------------------------------
 
     def ehlo_lines(self) -> list[str]:
-        keywords = [f"SIZE {self._shared.max_size}", "8BITMIME", "PIPELINING",
+        keywords = [f"SIZE {self._settings.max_size}", "8BITMIME", "PIPELINING",
                     "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         if self.tls_context is not None and self._tls_protocol is None:
             keywords.append("STARTTLS")
@@ -310,7 +312,7 @@ class RelaySMTP(SMTP):
             else:
                 await self.push(f"555 5.5.4 Unsupported option: {key}")
                 return
-        if size > self._shared.max_size:
+        if size > self._settings.max_size:
             await self._refuse("message_size", "MAIL", TOO_BIG, sender)
             return
         if not valid_utf8(sender):
@@ -343,7 +345,7 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
             return
         sender = envelope.mail_from
-        if len(envelope.rcpt_tos) >= self._shared.config.smtp.max_recipients:
+        if len(envelope.rcpt_tos) >= self._settings.max_recipients:
             await self._refuse("too_many_recipients", "RCPT",
                                "452 4.5.3 Error: too many recipients", sender)
             return
@@ -365,7 +367,7 @@ class RelaySMTP(SMTP):
             await self._refuse("smtputf8", "RCPT",
                                "553 5.6.7 Error: non-ASCII address without SMTPUTF8", sender)
             return
-        verdict = self._shared.policy.check_recipient(path)
+        verdict = self._settings.policy.check_recipient(path)
         if verdict is not None:
             reason = POLICY_REASONS.get(verdict.code, "recipient")
             await self._refuse(reason, "RCPT", str(verdict), sender, path)
@@ -432,10 +434,10 @@ class RelaySMTP(SMTP):
         """
         reader = self._reader
         clock = self.loop.time
-        receiver = DataReceiver(self._shared.max_size)
+        receiver = DataReceiver(self._settings.max_size)
         self._in_data = True
         self._data_seen = clock()
-        self._reset_timeout(self._shared.data_timeout)
+        self._reset_timeout(self._settings.data_timeout)
         try:
             while True:
                 chunk = await reader.read(_WHOLE_BUFFER)
@@ -526,10 +528,10 @@ class RelaySMTP(SMTP):
         if host_key(name) is None:  # either spelling: U-labels arrive as UTF-8
             await self.push("501 5.5.4 Syntax: ETRN <domain>")
             return
-        if not shared.etrn_allowed(self.client_ip):
+        if not self._settings.etrn_allowed(self.client_ip):
             await self._refuse("etrn", "ETRN", f"459 4.7.1 Node {node} not allowed: access denied")
             return
-        domain = None if node.startswith("#") else shared.policy.hosted(name)
+        domain = None if node.startswith("#") else self._settings.policy.hosted(name)
         if domain is None:
             await self.push(f"458 4.1.0 Unable to queue messages for node {node}: "
                             "not a hosted domain")

@@ -1,6 +1,9 @@
 """What every SMTP session shares: config, policy, limits, bookkeeping, handler hooks.
 
-Owns the one `Shared` object all sessions of all listeners hold (admitting
+Owns the one `Shared` object all sessions of all listeners hold, with the
+`Settings` a session takes when it connects (swapped whole by a reload, so a
+new config applies to sessions that start after it and never to one half
+way through; a session reads them without a lock or a copy), admitting
 and releasing connections against the limits, counting accepted and rejected
 mail for the metrics, keeping the tasks that must finish before a shutdown
 completes, shielding a commit from a client that hangs up), the stateless
@@ -70,6 +73,39 @@ class SmtpMetrics(Protocol):
     def session_ended(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a session reads of the config and the policy built from it; taken
+    once per connection, so one attribute read is all a reload costs a session."""
+
+    policy: Policy
+    tls_context: ssl.SSLContext | None
+    max_size: int
+    max_recipients: int
+    command_timeout: float
+    data_timeout: float
+    etrn_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def build(cls, config: Config, policy: Policy,
+              tls_context: ssl.SSLContext | None) -> Settings:
+        smtp = config.smtp
+        return cls(
+            policy=policy, tls_context=tls_context,
+            max_size=smtp.max_message_size, max_recipients=smtp.max_recipients,
+            command_timeout=smtp.command_timeout or NO_TIMEOUT,
+            data_timeout=smtp.data_timeout or NO_TIMEOUT,
+            etrn_networks=tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients),
+        )
+
+    def etrn_allowed(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self.etrn_networks)
+
+
 @dataclass
 class SmtpStats:
     """Counters for the metrics endpoint (relay_smtp_*)."""
@@ -79,7 +115,7 @@ class SmtpStats:
 
 
 class Shared:
-    """What every session of every listener shares: config, limits, bookkeeping."""
+    """What every session of every listener shares: settings, limits, bookkeeping."""
 
     def __init__(
         self, config: Config, policy: Policy, submit: Submit, id_factory: Callable[[], str],
@@ -87,20 +123,14 @@ class Shared:
         loop: asyncio.AbstractEventLoop, metrics: SmtpMetrics | None,
     ) -> None:
         smtp = config.smtp
-        self.config = config
-        self.hostname = config.node.hostname
+        self.settings = Settings.build(config, policy, tls_context)
+        self.hostname = config.node.hostname  # node.*: bound at start, as the listeners are
         self.shutting_down = f"421 4.3.2 {self.hostname} Service shutting down"
-        self.policy = policy
         self.submit = submit
         self.id_factory = id_factory
         self.clock = clock
         self.on_etrn = on_etrn
-        self.tls_context = tls_context
         self.loop = loop
-        self.max_size = smtp.max_message_size
-        self.command_timeout = smtp.command_timeout or NO_TIMEOUT
-        self.data_timeout = smtp.data_timeout or NO_TIMEOUT
-        self.etrn_networks = tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients)
         self.handler = RelayHandler()  # stateless: one for every session
         self.handle_hooks = handle_hooks(self.handler)
         self.ehlo_hook_version = ehlo_hook_version(self.handle_hooks)
@@ -113,6 +143,16 @@ class Shared:
         self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def reconfigure(self, config: Config, policy: Policy,
+                    tls_context: ssl.SSLContext | None) -> None:
+        """A reload: sessions that connect from now on take the new settings;
+        the connection limits apply at once to the counts kept so far."""
+        self.settings = Settings.build(config, policy, tls_context)
+        smtp = config.smtp
+        self.limits.max_connections = smtp.max_connections
+        self.limits.max_connections_per_ip = smtp.max_connections_per_ip
+        self.limits.max_messages_per_minute = smtp.max_messages_per_ip_per_minute
 
     def reject(self, reason: str) -> None:
         self.stats.rejections[reason] += 1
@@ -163,13 +203,6 @@ class Shared:
         self.finishing.discard(future)
         if not future.cancelled():
             future.exception()  # retrieved: the session logged it if it still cared
-
-    def etrn_allowed(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self.etrn_networks)
 
     async def store(self, message: NewMessage) -> None:
         """Submit, shielded: a client hanging up must not cut a commit in half."""

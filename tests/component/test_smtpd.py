@@ -672,7 +672,7 @@ async def test_the_tail_of_an_overlong_line_never_ends_the_data() -> None:
     reader = Reader(limit=smtpd.RelaySMTP.line_length_limit)
     stub = SimpleNamespace(
         _reader=reader, loop=asyncio.get_running_loop(), transport=None,
-        _shared=SimpleNamespace(max_size=10**6, data_timeout=60.0),
+        _settings=SimpleNamespace(max_size=10**6, data_timeout=60.0),
         _in_data=False, _data_seen=0.0, _reset_timeout=lambda *args: None,
     )
     task = asyncio.create_task(smtpd.RelaySMTP._read_data(stub))  # type: ignore[arg-type]

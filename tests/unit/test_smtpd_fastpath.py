@@ -30,10 +30,11 @@ class StockRelaySMTP(smtpd.RelaySMTP):
 
     def _init_smtp(self, shared: smtpd.Shared) -> None:
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        settings = shared.settings
         SMTP.__init__(
-            self, shared.handler, data_size_limit=shared.max_size, enable_SMTPUTF8=True,
+            self, shared.handler, data_size_limit=settings.max_size, enable_SMTPUTF8=True,
             decode_data=False, hostname=shared.hostname, ident=smtpd.IDENT,
-            tls_context=shared.tls_context, timeout=shared.command_timeout,
+            tls_context=settings.tls_context, timeout=settings.command_timeout,
             auth_exclude_mechanism=("LOGIN", "PLAIN"), loop=shared.loop,
         )
         self._smtp_methods.pop("AUTH", None)
@@ -105,7 +106,7 @@ def data_session(max_size: int = 10**6) -> SimpleNamespace:
     return SimpleNamespace(
         _reader=asyncio.StreamReader(limit=smtpd.RelaySMTP.line_length_limit),
         loop=SimpleNamespace(time=lambda: float(next(ticks))), transport=FakeTransport(),
-        _shared=SimpleNamespace(max_size=max_size, data_timeout=60.0),
+        _settings=SimpleNamespace(max_size=max_size, data_timeout=60.0),
         _in_data=False, _data_seen=0.0, _reset_timeout=lambda *args: None,
     )
 

@@ -70,7 +70,8 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
         runner = asyncio.run
     _settle_garbage_collector()
     try:
-        runner(service.serve(cfg))
+        runner(service.serve(cfg, config_path=cfg.source if cfg.source != "<defaults>" else None,
+                             log_level=log_level))
     except (db.DatabaseError, QueueError) as exc:
         fail(str(exc))
     except OSError as exc:
@@ -85,8 +86,13 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
     import json
 
     from relay.core import config as configuration
+    from relay.queue import db
 
     cfg = load_config(ctx, config_path)
+    if problem := db.open_problem(cfg.queue.url):  # what serve would stop at, found now
+        click.echo(f"{cfg.source}: queue.url: cannot open {db.location(cfg.queue.url)}: "
+                   f"{problem}", err=True)
+        sys.exit(1)
     click.echo(f"# {cfg.source}: ok")
     click.echo(json.dumps(configuration.effective(cfg), indent=2))
 
