@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from relay.core.maillog import span
 from relay.core.model import MessageState
 
 if TYPE_CHECKING:
@@ -30,21 +31,6 @@ def iso(when: datetime | None) -> str | None:
 
 def human_time(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def span(seconds: float) -> str:
-    """`2d 3h`, `4h`, `6m 7s`, `8s`: the largest unit and the next one when not zero."""
-    seconds = max(0, int(seconds))
-    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
-    for i, (unit, size) in enumerate(units):
-        if seconds >= size or unit == "s":
-            text = f"{seconds // size}{unit}"
-            if i + 1 < len(units):
-                small, small_size = units[i + 1]
-                if rest := (seconds % size) // small_size:
-                    text += f" {rest}{small}"
-            return text
-    raise AssertionError("unreachable")
 
 
 def plural(n: int, word: str = "message") -> str:
