@@ -120,11 +120,11 @@ class Scheduler:
 
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flush: everything waiting for `domain` is due now."""
-        count = await self._store.call(
+        flushed = await self._store.call(
             self._queue.flush, Selector(domain=domain), self._clock.now()
         )
         self.wake()
-        return count
+        return len(flushed)
 
     @property
     def busy(self) -> int:
