@@ -724,7 +724,8 @@ def test_span(seconds: float, text: str) -> None:
 
 def test_help_lists_every_command() -> None:
     out = run("queue", "--help").stdout
-    for verb in ("list", "show", "stats", "flush", "hold", "release", "delete", "bounce"):
+    for verb in ("list", "show", "stats", "flush", "hold", "release", "requeue", "delete",
+                 "bounce"):
         assert re.search(rf"^  {verb}\b", out, re.M), verb
 
 
