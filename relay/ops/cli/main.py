@@ -1,12 +1,12 @@
-"""The `relay` command: serve, check-config, db, queue.
+"""The `relay` command: serve, check-config, status, db, queue.
 
 Owns argument parsing, config lookup (`-c` before or after the command
 words, then $RELAY_CONFIG, then config/relay.toml, then defaults), exit codes
 (0 ok, 1 operational error, 2 usage) and turning every expected failure into
 one stderr line instead of a traceback. Refuses queue logic: operator verbs
-call `queue.py`. Each command imports what it needs when it runs (the
-service, SQLAlchemy, Alembic), so `relay --help` and the queue commands start
-fast: operators script them.
+call `queue.py`, `status` reads through `relay.ops.status`. Each command
+imports what it needs when it runs (the service, SQLAlchemy, Alembic), so
+`relay --help` and the queue commands start fast: operators script them.
 """
 
 from __future__ import annotations
@@ -90,6 +90,27 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
     cfg = load_config(ctx, config_path)
     click.echo(f"# {cfg.source}: ok")
     click.echo(json.dumps(configuration.effective(cfg), indent=2))
+
+
+@main_group.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.pass_context
+def status_command(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """The queue, the destinations that are down or have mail, the nodes, at a glance."""
+    from relay.ops import status
+    from relay.ops.cli import queue_select as sel
+    from relay.ops.cli.queue_views import echo_json
+
+    _, queue = sel.open_queue(ctx, config_path)
+    with sel.guarded():
+        url = queue.engine.url.render_as_string(hide_password=True)
+        now = sel.clock.now()
+        found = status.gather(queue, url, sel.stored_revision(queue.engine), now)
+        if as_json:
+            echo_json(status.as_json(found))
+        else:
+            click.echo(status.as_text(found))
 
 
 @main_group.group("db")
