@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from relay.ops.cli.common import config_option, fail, load_config
+from relay.ops.cli.common import NO_FILE, config_option, fail, load_config
 from relay.ops.cli.queue import queue_group
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
@@ -54,6 +54,10 @@ def _settle_garbage_collector() -> None:
 def serve(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """Run the SMTP listener, the delivery scheduler and metrics until SIGTERM."""
     cfg = load_config(ctx, config_path)
+    if not cfg.domains:  # a backup MX for nobody: every RCPT would be refused
+        fail(f'no domain is hosted: add a [domains."example.com"] table to {cfg.source}'
+             if cfg.source != NO_FILE else
+             'no domain is hosted: give a config file with a [domains."example.com"] table')
     import asyncio
 
     from relay import service
