@@ -229,3 +229,20 @@ def test_list_of_a_domain_without_mail(queue: Queue, cfg: Path) -> None:
     as_json = run("queue", "list", "--json", "--domain", "verrotech.com", "-c", str(cfg))
     assert (as_json.exit_code, json.loads(as_json.stdout)) == (0, [])
     assert as_json.stderr == "no queued message for domain verrotech.com\n"
+
+
+# -- the next-attempt column of queue list ---------------------------------------------
+
+
+def test_list_shows_when_each_message_is_tried_next(queue: Queue, cfg: Path) -> None:
+    queue.put_many([msg("01A"), msg("01B"), msg("01C", "c@other.example")])
+    fail_site(queue, "01A")  # verrotech.com down, its probe in an hour
+    out = run("queue", "list", "-c", str(cfg)).stdout
+    assert "--Arrival Time (UTC)-- --Next Attempt (UTC)--" in out.splitlines()[0]
+    for qid in ("01A", "01B"):  # parked: the destination's next probe
+        assert re.search(rf"^{qid} +\d+ 2026-03-01 12:00:00 +2026-03-01 15:00:00 ", out, re.M)
+    assert re.search(r"^01C +\d+ 2026-03-01 12:00:00 +due now ", out, re.M)
+    queue.start_probes(NOW + timedelta(hours=1), stale_before=T0)  # 01A probes, 01B waits
+    out = run("queue", "list", "-c", str(cfg)).stdout
+    assert re.search(r"^01A +\d+ \S+ \S+ +due now ", out, re.M)
+    assert re.search(r"^01B +\d+ \S+ \S+ +after the probe ", out, re.M)

@@ -174,9 +174,11 @@ def test_list_is_a_mailq_table(filled: Queue, cfg: Path) -> None:
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert out.splitlines()[0].startswith("-Queue ID-")
-    assert re.search(r"^01ACT\* +\d+ 2026-03-01 12:00:00 +s@sender\.example$", out, re.M)
-    assert re.search(r"^01DEF +\d+ 2026-03-01 12:01:00 +s@sender\.example$", out, re.M)
-    assert re.search(r"^01NUL +\d+ .* MAILER-DAEMON$", out, re.M)
+    assert re.search(r"^01ACT\* +\d+ 2026-03-01 12:00:00 +running +s@sender\.example$",
+                     out, re.M)
+    assert re.search(  # the next attempt: after its 451, in ten minutes
+        r"^01DEF +\d+ 2026-03-01 12:01:00 +2026-03-01 14:10:00 +s@sender\.example$", out, re.M)
+    assert re.search(r"^01NUL +\d+ 2026-03-01 12:03:00 +due now +MAILER-DAEMON$", out, re.M)
     assert re.search(r"^ +\(451 4\.2\.1 mailbox busy\)\n +busy@verrotech\.com$", out, re.M)
     assert re.search(r"^ +ok@verrotech\.com +\[delivered\]$", out, re.M)
     assert out.rstrip().splitlines()[-1] == "-- 1 Kbytes in 5 Requests."
@@ -187,7 +189,7 @@ def test_list_marks_held_messages_and_counts_kbytes(queue: Queue, cfg: Path) -> 
     queue.put_many([msg("01BIG", data=b"x" * 5000)])
     assert run("queue", "hold", "01BIG", "-c", str(cfg)).exit_code == 0
     out = run("queue", "list", "-c", str(cfg)).stdout
-    assert re.search(r"^01BIG! +5000 ", out, re.M)
+    assert re.search(r"^01BIG! +5000 \S+ \S+ +on hold ", out, re.M)
     assert out.rstrip().endswith("-- 5 Kbytes in 1 Request.")
 
 

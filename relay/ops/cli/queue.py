@@ -78,7 +78,7 @@ def list_command(
             if note:
                 click.echo(note, err=True)  # stdout stays JSON
         else:
-            click.echo(note or mailq(views))
+            click.echo(note or mailq(views, sel.clock.now()))
 
 
 @queue_group.command("show")
