@@ -234,7 +234,9 @@ def test_list_of_a_domain_without_mail(queue: Queue, cfg: Path) -> None:
 # -- the next-attempt column of queue list ---------------------------------------------
 
 
-def test_list_shows_when_each_message_is_tried_next(queue: Queue, cfg: Path) -> None:
+def test_list_shows_when_each_message_is_tried_next(
+    queue: Queue, cfg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     queue.put_many([msg("01A"), msg("01B"), msg("01C", "c@other.example")])
     fail_site(queue, "01A")  # verrotech.com down, its probe in an hour
     out = run("queue", "list", "-c", str(cfg)).stdout
@@ -242,7 +244,9 @@ def test_list_shows_when_each_message_is_tried_next(queue: Queue, cfg: Path) -> 
     for qid in ("01A", "01B"):  # parked: the destination's next probe
         assert re.search(rf"^{qid} +\d+ 2026-03-01 12:00:00 +2026-03-01 15:00:00 ", out, re.M)
     assert re.search(r"^01C +\d+ 2026-03-01 12:00:00 +due now ", out, re.M)
-    queue.start_probes(NOW + timedelta(hours=1), stale_before=T0)  # 01A probes, 01B waits
+    later = NOW + timedelta(hours=1)
+    queue.start_probes(later, stale_before=T0)  # 01A probes, 01B waits for its outcome
+    monkeypatch.setattr(queue_select, "clock", FakeClock(later))
     out = run("queue", "list", "-c", str(cfg)).stdout
     assert re.search(r"^01A +\d+ \S+ \S+ +due now ", out, re.M)
     assert re.search(r"^01B +\d+ \S+ \S+ +after the probe ", out, re.M)
