@@ -144,6 +144,9 @@ async def test_requeue_wakes_a_relay_listening_on_the_queue(queue: Queue, cfg: P
     ear = notify.listener(queue.engine, woken.set)
     ear.start(asyncio.get_running_loop())
     try:
+        ready = getattr(ear, "listening", None)  # PostgreSQL: LISTEN before the NOTIFY
+        if ready is not None:
+            assert await asyncio.to_thread(ready.wait, 10)
         assert run("queue", "requeue", "01A", "-c", str(cfg)).exit_code == 0
         await asyncio.wait_for(woken.wait(), 10)
     finally:
