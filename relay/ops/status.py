@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from relay.queue.views import Views
 
 LAST_REPLY_WIDTH = 60  # the table cuts longer replies; JSON has them whole
+TABLE_ROWS = 20  # destinations in the text form (down ones first); JSON has every one
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +132,18 @@ def as_text(status: Status) -> str:
         lines.append("destinations: none with mail, none down")
     else:
         lines.append(f"destinations: {len(status.destinations)} with mail or down, {down} down")
-        lines.append(_table(status))
+        lines.append(_table(status, status.destinations[:TABLE_ROWS]))
+        if (more := len(status.destinations) - TABLE_ROWS) > 0:
+            lines.append(f"  ... and {more} more (relay status --json lists every one)")
     lines.append("nodes:        not tracked yet (no node registry)" if not status.nodes
                  else f"nodes:        {len(status.nodes)}")
     return "\n".join(lines)
 
 
-def _table(status: Status) -> str:
+def _table(status: Status, shown: Sequence[DestinationStatus]) -> str:
     header = ("DESTINATION", "STATE", "DOWN FOR", "NEXT PROBE", "MESSAGES", "LAST REPLY")
     rows = [header]
-    for d in status.destinations:
+    for d in shown:
         rows.append((
             d.destination,
             d.state.value,

@@ -148,3 +148,14 @@ def test_status_help_loads_no_database_library() -> None:
                             timeout=60, check=False)
     assert result.stderr.strip().splitlines()[-1] == "[]"
     assert "--json" in result.stdout
+
+
+def test_the_table_stays_short_with_many_destinations(queue: Queue, cfg: Path) -> None:
+    queue.put_many([msg(f"01M{n:02}", f"x@d{n:02}.example") for n in range(25)])
+    fail_site(queue, "01M24", "d24.example")
+    lines = run("status", "-c", str(cfg)).stdout.splitlines()
+    assert lines[2] == "destinations: 25 with mail or down, 1 down"
+    assert re.match(r"^  d24\.example +down ", lines[4])  # down ones first
+    assert len([line for line in lines if re.match(r"^  d\d\d\.example ", line)]) == 20
+    assert "  ... and 5 more (relay status --json lists every one)" in lines
+    assert len(status_json(cfg)["destinations"]) == 25
