@@ -3,16 +3,21 @@
 Owns the events operators grep for: `queued`, `rejected`, `attempt`,
 `delivered`, `deferred`, `bounced`, `expired` (and `dsn` when a sender
 notification is queued), each with the client IP, sender, recipient, next
-hop, remote reply and delay where they apply. Text in the manner of Postfix's
-maillog (`ID: event key=value, ...`) by default; one JSON object per line
-with `[log] format = "json"`. Refuses to decide anything.
+hop, remote reply and delay where they apply; what an operator did to a
+message (`held by operator`, ...); and a destination going down or coming
+back (`destination D is down: ...`, `destination D is up again after ...`).
+Text in the manner of Postfix's maillog (`ID: event key=value, ...`) by
+default; one JSON object per line with `[log] format = "json"`. Refuses to
+decide anything: callers say when an event happened.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +37,7 @@ def _emit(event: str, queue_id: str, **fields: Any) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     text = ", ".join(f"{key}={_text(value)}" for key, value in fields.items())
-    log.info("%s: %s %s", queue_id, event, text,
+    log.info("%s: %s%s", queue_id, event, f" {text}" if text else "",
              extra={"mail_event": {"event": event, "id": queue_id, **fields}})
 
 
@@ -77,11 +82,14 @@ def attempt_results(message: Claimed, decision: Decision, now: datetime,
         }
         if duration is not None:
             fields["duration"] = duration
-        if update.status is RecipientStatus.DEFERRED and result.next_attempt_at is not None:
-            fields["next_attempt"] = result.next_attempt_at.isoformat()
-        elif (update.status is RecipientStatus.DEFERRED
-              and decision.outcome is AttemptOutcome.SITE_FAILURE):
-            fields["next_attempt"] = "when the destination answers"
+        if update.status is RecipientStatus.DEFERRED:
+            if result.next_attempt_at is not None:
+                fields["next_attempt"] = result.next_attempt_at.isoformat()
+            elif result.destination is not None and result.destination.retry_at is not None:
+                # parked: the destination's next probe is its next chance
+                fields["next_attempt"] = result.destination.retry_at.isoformat()
+            elif decision.outcome is AttemptOutcome.SITE_FAILURE:
+                fields["next_attempt"] = "when the destination answers"
         fields["reply"] = update.reply
         _emit(update.outcome, message.id, **fields)
     for dsn in result.dsns:
@@ -92,6 +100,53 @@ def attempt_results(message: Claimed, decision: Decision, now: datetime,
 
 def delay_warning(message: Claimed, dsn_id: str) -> None:
     _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn_id, kind="delayed")
+
+
+OPERATOR_ACTIONS = ("held", "released", "flushed", "deleted", "bounced", "requeued")
+
+
+def operator(action: str, queue_ids: Sequence[str], user: str = "") -> None:
+    """`ID: held by operator`, one line per message: an operator's word is on
+    record, so a deleted message does not look lost."""
+    if action not in OPERATOR_ACTIONS:
+        raise ValueError(f"unknown operator action {action!r}")
+    fields = {"user": user} if user else {}
+    for queue_id in queue_ids:
+        _emit(f"{action} by operator", queue_id, **fields)
+
+
+def destination_down(destination: str, reason: str) -> None:
+    """Once per transition, when a destination's next hops all fail."""
+    _destination("destination down", f"destination {destination} is down: {reason}",
+                 destination=destination, reason=reason)
+
+
+def destination_up(destination: str, down_for: float | None) -> None:
+    """Once per transition, when a down destination answers again."""
+    after = "an unknown time" if down_for is None else span(down_for)
+    _destination("destination up", f"destination {destination} is up again after {after}",
+                 destination=destination, down_seconds=None if down_for is None else
+                 int(max(0.0, down_for)))
+
+
+def _destination(event: str, text: str, **fields: Any) -> None:
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", text, extra={"mail_event": {"event": event, **fields}})
+
+
+def span(seconds: float) -> str:
+    """`2d 3h`, `4h`, `6m 7s`, `8s`: the largest unit and the next one when not zero."""
+    seconds = max(0, int(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if seconds >= size or unit == "s":
+            text = f"{seconds // size}{unit}"
+            if i + 1 < len(units):
+                small, small_size = units[i + 1]
+                if rest := (seconds % size) // small_size:
+                    text += f" {rest}{small}"
+            return text
+    raise AssertionError("unreachable")
 
 
 class JsonFormatter(logging.Formatter):
@@ -114,6 +169,23 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextmanager
+def to_stderr(level: str = "INFO", json_lines: bool = False) -> Iterator[None]:
+    """The mail log on stderr while a `relay queue` command runs, as `serve`
+    writes it: an operator's actions are on record where the operator looks
+    (Postfix's postsuper logs to syslog); the root logger is left alone."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    previous = log.level
+    log.addHandler(handler)
+    log.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous)
 
 
 def setup(level: str = "INFO", json_lines: bool = False) -> None:

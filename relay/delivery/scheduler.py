@@ -134,11 +134,11 @@ class Scheduler:
 
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flush: everything waiting for `domain` is due now."""
-        count = await self._store.call(
+        flushed = await self._store.call(
             self._queue.flush, Selector(domain=domain), self._clock.now()
         )
         self.wake()
-        return count
+        return len(flushed)
 
     @property
     def busy(self) -> int:
@@ -407,8 +407,9 @@ class Scheduler:
         if any(outcome is Outcome.BOUNCED for _, outcome, _ in decision.results):
             self.wake()  # a DSN was queued
         if decision.outcome is AttemptOutcome.SITE_FAILURE:
-            log.info("destination %s is down: %s", message.destination,
-                     decision.attempt.last_error)
+            # The mail log says it once, when the queue records the transition.
+            log.debug("%s: destination %s did not answer: %s", message.id,
+                      message.destination, decision.attempt.last_error)
             return decision.outcome
         if window.timed(duration):
             log.info("destination %s slowed down (%.1f s for one message); window now %d",

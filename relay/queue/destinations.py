@@ -3,17 +3,22 @@
 Owns the rows of destinations found down and the parking of their mail:
 an attempt's outcome goes through `relay.core.destination.transition` and
 the answer (park, unpark, probe again) is written here, in the caller's
-transaction; probes are started when a destination's retry time comes.
-Refuses to decide anything itself: states and edges are the core module's,
-retry times the caller's.
+transaction; probes are started when a destination's retry time comes. A
+destination going down or coming back is put in the mail log once, by the
+transaction that made the transition, after it commits (so once for every
+node sharing the queue, never for a rolled-back one). Refuses to decide
+anything itself: states and edges are the core module's, retry times the
+caller's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, Connection, and_, delete, exists, insert, or_, select, update
 
+from relay.core import maillog
 from relay.core.destination import Action, AttemptOutcome, State, transition
 from relay.core.model import MessageState
 from relay.queue.rows import DestinationUpdate
@@ -30,13 +35,44 @@ def _stored(state: State) -> ColumnElement[bool] | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A destination went down (`reason`) or came back (after `down_for` seconds)."""
+
+    destination: str
+    up: bool
+    reason: str = ""
+    down_for: float | None = None  # None: when it went down is not known
+
+
 class DestinationTable(QueueBase):
+    def _changes(self) -> list[Change]:
+        """Transitions made by the transaction in progress, logged once it commits.
+        Written by the thread that writes (the writer thread): no lock."""
+        changes: list[Change] = self.__dict__.setdefault("_destination_changes", [])
+        return changes
+
+    def _announce_changes(self) -> None:
+        """The transaction committed: its transitions go to the mail log."""
+        changes = self._changes()
+        done, changes[:] = list(changes), []
+        for change in done:
+            if change.up:
+                maillog.destination_up(change.destination, change.down_for)
+            else:
+                maillog.destination_down(change.destination, change.reason)
+
+    def _forget_changes(self, keep: int = 0) -> None:
+        """The transaction (or a savepoint) rolled back: its transitions never happened."""
+        del self._changes()[keep:]
+
     def _set_destination(self, conn: Connection, dest: DestinationUpdate, now: datetime) -> None:
         """Apply an attempt that tested the destination's hosts (reached them or not)."""
         prior = conn.execute(
-            select(destinations.c.up, destinations.c.failures, destinations.c.retry_at).where(
-                destinations.c.name == dest.name
-            )
+            select(
+                destinations.c.up, destinations.c.failures, destinations.c.retry_at,
+                destinations.c.down_since,
+            ).where(destinations.c.name == dest.name)
         ).first()
         state = State.of(None, None) if prior is None else State.of(prior.up, prior.retry_at)
         step = transition(state, dest.outcome)
@@ -46,9 +82,14 @@ class DestinationTable(QueueBase):
             conn.execute(
                 update(destinations)
                 .where(destinations.c.name == dest.name)
-                .values(up=True, failures=0, retry_at=None, last_error="", updated_at=now)
+                .values(up=True, failures=0, retry_at=None, last_error="", updated_at=now,
+                        down_since=None)
             )
             self._unpark(conn, dest.name, now)
+            since = prior.down_since if prior is not None else None
+            self._changes().append(Change(
+                dest.name, up=True,
+                down_for=None if since is None else (now - since).total_seconds()))
             return
         if step.action is Action.REPROBE:
             self._no_word(conn, dest.name, dest.outcome, now)
@@ -60,6 +101,9 @@ class DestinationTable(QueueBase):
                 "failures": (prior.failures if prior else 0) + 1,
                 "retry_at": dest.retry_at,
             }
+        if state is State.UP and step.state is not State.UP:
+            values["down_since"] = now
+            self._changes().append(Change(dest.name, up=False, reason=dest.error))
         if prior is None:
             conn.execute(insert(destinations).values(name=dest.name, **values))
         else:

@@ -168,6 +168,19 @@ class MessageView:
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationView:
+    """A `destinations` row as the operator sees it (a destination never found
+    down has none)."""
+
+    name: str
+    up: bool
+    down_since: datetime | None  # when it went down; None while up
+    retry_at: datetime | None  # its next probe while down; None while one runs
+    failures: int  # consecutive backoff steps
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     total: int
     by_state: dict[str, int]

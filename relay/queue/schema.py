@@ -123,6 +123,7 @@ destinations = Table(
     Column("retry_at", UtcDateTime, nullable=True),  # next probe while down
     Column("last_error", Text, nullable=False, default=""),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("down_since", UtcDateTime, nullable=True),  # when it went down; NULL while up
 )
 
 delivery_log = Table(

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from relay.core.address import destination_key
 from relay.core.model import MessageState
-from relay.queue.rows import MessageView, QueueError, RecipientView, Stats
+from relay.queue.rows import DestinationView, MessageView, QueueError, RecipientView, Stats
 from relay.queue.schema import (
     bodies,
     delivery_log,
@@ -132,6 +132,16 @@ class Views(QueueBase):
             {k: v for k, v in by_domain.items() if v},
             oldest,
         )
+
+    def destination_rows(self) -> builtins.list[DestinationView]:
+        """Every destination with a row: those down, and those found up again
+        since (`relay status`); O(destinations)."""
+        with self._reading() as conn:
+            return [
+                DestinationView(row.name, bool(row.up), row.down_since, row.retry_at,
+                                int(row.failures), row.last_error)
+                for row in conn.execute(select(destinations).order_by(destinations.c.name))
+            ]
 
     # -- queue depth (metrics, health) ---------------------------------------
 

@@ -195,10 +195,14 @@ class Writes(DestinationTable):
         durable = any(isinstance(op, NewMessage) for op in ops)
         try:
             with self._transaction(durable) as conn:
-                return self._apply_together(conn, ops)
+                results = self._apply_together(conn, ops)
+            self._announce_changes()
+            return results
         except SQLAlchemyError as exc:
             if len(ops) == 1:
                 return [QueueError(one_line(exc))]
+        finally:
+            self._forget_changes()
         return self._apply_isolated(ops, durable)
 
     def _apply_together(
@@ -227,13 +231,18 @@ class Writes(DestinationTable):
         try:
             with self._transaction(durable) as conn:
                 for op in ops:
+                    kept = len(self._changes())
                     try:
                         with conn.begin_nested():
                             results.append(self._apply_one(conn, op))
                     except SQLAlchemyError as exc:
+                        self._forget_changes(kept)
                         results.append(QueueError(one_line(exc)))
+            self._announce_changes()
         except SQLAlchemyError as exc:
             raise QueueError(one_line(exc)) from exc
+        finally:
+            self._forget_changes()
         return results
 
     def _apply_one(self, conn: Connection, op: NewMessage | Attempt) -> Recorded:
@@ -293,8 +302,13 @@ class Writes(DestinationTable):
     def record(self, attempt: Attempt) -> Recorded:
         """Apply an attempt: GONE if the message vanished meanwhile (operator
         delete), STALE if its lease is no longer this attempt's claim."""
-        with self.engine.begin() as conn:
-            return self._record(conn, attempt)
+        try:
+            with self.engine.begin() as conn:
+                recorded = self._record(conn, attempt)
+            self._announce_changes()
+            return recorded
+        finally:
+            self._forget_changes()
 
     def _record(self, conn: Connection, attempt: Attempt) -> Recorded:
         row = conn.execute(

@@ -116,10 +116,19 @@ def run(*args: str, input: str | None = None, env: dict[str, str] | None = None)
                               catch_exceptions=False)
 
 
+MAIL_LOG = re.compile(r"^\S+ \S+ INFO relay\.mail: (.*)$", re.M)
+
+
+def mail_log(result: Result) -> list[str]:
+    """The mail log lines a command wrote on stderr, without time and level."""
+    return MAIL_LOG.findall(result.stderr)
+
+
 def one_error_line(result: Result, code: int = 1) -> str:
+    """The one error line on stderr (mail log lines of what was done aside)."""
     assert result.exit_code == code, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
+    lines = [line for line in result.stderr.splitlines() if not MAIL_LOG.match(line)]
     assert len(lines) == 1, lines
     assert lines[0].startswith("relay: ")
     return lines[0]
@@ -165,9 +174,11 @@ def test_list_is_a_mailq_table(filled: Queue, cfg: Path) -> None:
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert out.splitlines()[0].startswith("-Queue ID-")
-    assert re.search(r"^01ACT\* +\d+ 2026-03-01 12:00:00 +s@sender\.example$", out, re.M)
-    assert re.search(r"^01DEF +\d+ 2026-03-01 12:01:00 +s@sender\.example$", out, re.M)
-    assert re.search(r"^01NUL +\d+ .* MAILER-DAEMON$", out, re.M)
+    assert re.search(r"^01ACT\* +\d+ 2026-03-01 12:00:00 +running +s@sender\.example$",
+                     out, re.M)
+    assert re.search(  # the next attempt: after its 451, in ten minutes
+        r"^01DEF +\d+ 2026-03-01 12:01:00 +2026-03-01 14:10:00 +s@sender\.example$", out, re.M)
+    assert re.search(r"^01NUL +\d+ 2026-03-01 12:03:00 +due now +MAILER-DAEMON$", out, re.M)
     assert re.search(r"^ +\(451 4\.2\.1 mailbox busy\)\n +busy@verrotech\.com$", out, re.M)
     assert re.search(r"^ +ok@verrotech\.com +\[delivered\]$", out, re.M)
     assert out.rstrip().splitlines()[-1] == "-- 1 Kbytes in 5 Requests."
@@ -178,7 +189,7 @@ def test_list_marks_held_messages_and_counts_kbytes(queue: Queue, cfg: Path) -> 
     queue.put_many([msg("01BIG", data=b"x" * 5000)])
     assert run("queue", "hold", "01BIG", "-c", str(cfg)).exit_code == 0
     out = run("queue", "list", "-c", str(cfg)).stdout
-    assert re.search(r"^01BIG! +5000 ", out, re.M)
+    assert re.search(r"^01BIG! +5000 \S+ \S+ +on hold ", out, re.M)
     assert out.rstrip().endswith("-- 5 Kbytes in 1 Request.")
 
 
@@ -486,6 +497,7 @@ def test_unknown_ids_are_reported_and_known_ones_still_acted_on(filled: Queue, c
     result = run("queue", "hold", "01DEF", "NOPE", "-c", str(cfg))
     assert one_error_line(result) == "relay: unknown queue ID NOPE"
     assert result.stdout == "1 message held\n"
+    assert [line.split(" user=")[0] for line in mail_log(result)] == ["01DEF: held by operator"]
     assert state_of(filled, "01DEF") == "hold"
     for verb in ("release", "flush"):
         assert one_error_line(run("queue", verb, "NOPE", "-c", str(cfg))) == (
@@ -546,7 +558,9 @@ def test_delete_on_a_terminal_asks(
     assert "Delete the whole queue for good?" in result.stderr
     assert result.stdout == "2 messages deleted\n"
     nothing = run("queue", "delete", "--domain", "verrotech.com", "-c", str(cfg))
-    assert (nothing.exit_code, nothing.stdout) == (0, "0 messages deleted\n")  # no question
+    assert (nothing.exit_code, nothing.stdout) == (  # no question
+        0, "no queued message for domain verrotech.com"
+        " (verrotech.com is not a hosted domain)\n")
 
 
 # -- bounce ------------------------------------------------------------------------
@@ -603,6 +617,8 @@ def test_bounce_refuses_active_and_unknown_messages(filled: Queue, cfg: Path) ->
     result = run("queue", "bounce", "NOPE", "01NUL", "-c", str(cfg))
     assert one_error_line(result) == "relay: unknown queue ID NOPE"
     assert "01NUL: removed" in result.stdout
+    assert [line.split(" user=")[0] for line in mail_log(result)] == [
+        "01NUL: bounced by operator"]
     assert filled.show("01NUL") is None
 
 
@@ -710,7 +726,8 @@ def test_span(seconds: float, text: str) -> None:
 
 def test_help_lists_every_command() -> None:
     out = run("queue", "--help").stdout
-    for verb in ("list", "show", "stats", "flush", "hold", "release", "delete", "bounce"):
+    for verb in ("list", "show", "stats", "flush", "hold", "release", "requeue", "delete",
+                 "bounce"):
         assert re.search(rf"^  {verb}\b", out, re.M), verb
 
 

@@ -355,7 +355,7 @@ def test_docker_toml_passes_check_config(tmp_path: Path) -> None:
     assert effective["queue"]["url"] == f"sqlite:///{VOLUME_DIR}/queue.db"
     assert effective["metrics"]["listen"] == "0.0.0.0:9025"
     assert all(a.startswith("0.0.0.0:") for a in effective["smtp"]["listen"])
-    assert len(effective["domains"]) == 1
+    assert effective["domains"] == {}  # the operator's config names them; serve refuses till then
 
 
 # -- (3) the image's commands, outside Docker ---------------------------------------------
@@ -449,8 +449,9 @@ class Running:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
-def container_config(tmp_path: Path, metrics_port: int) -> Path:
-    """config/docker.toml with metrics.listen on a loopback port (it has no env override)."""
+def container_config(tmp_path: Path, metrics_port: int, hosting: bool = True) -> Path:
+    """config/docker.toml with metrics.listen on a loopback port (it has no env override)
+    and, unless `hosting` is False, a hosted domain."""
     section, replaced, lines = "", 0, []
     for line in DOCKER_TOML.read_text(encoding="utf-8").splitlines():
         if header := re.match(r"^\s*\[([^\]]+)\]", line):
@@ -460,6 +461,8 @@ def container_config(tmp_path: Path, metrics_port: int) -> Path:
             replaced += 1
         lines.append(line)
     assert replaced == 1, "config/docker.toml needs one metrics.listen"
+    if hosting:  # as the operator's mounted config does
+        lines += ["", '[domains."example.com"]']
     path = tmp_path / "etc-relay" / "relay.toml"
     path.parent.mkdir()
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -468,7 +471,7 @@ def container_config(tmp_path: Path, metrics_port: int) -> Path:
 
 @contextlib.contextmanager
 def run_container(
-    image: Image, tmp_path: Path, *, queue_url: str | None = None
+    image: Image, tmp_path: Path, *, queue_url: str | None = None, hosting: bool = True
 ) -> Iterator[Running]:
     """docker/entrypoint.sh with the image's CMD, ENV and WORKDIR, on free loopback ports."""
     smtp_port, metrics_port = free_port(), free_port()
@@ -476,7 +479,7 @@ def run_container(
     workdir.mkdir()
     db_path = workdir / "queue.db"
     env = image.env(
-        RELAY_CONFIG=str(container_config(tmp_path, metrics_port)),
+        RELAY_CONFIG=str(container_config(tmp_path, metrics_port, hosting)),
         RELAY_LISTEN=f"127.0.0.1:{smtp_port}",
         RELAY_QUEUE_URL=queue_url or f"sqlite:///{db_path}",
         RELAY_HEALTHCHECK_URL=f"http://127.0.0.1:{metrics_port}/healthz",
@@ -583,6 +586,19 @@ def test_image_does_not_serve_when_migration_fails(image: Image, tmp_path: Path)
     assert returncode == 1, output
     assert output.startswith("relay: "), output  # `relay db upgrade`'s one line, no traceback
     assert "ready" not in output and "Traceback" not in output, output
+
+
+@pytest.mark.slow
+def test_image_with_its_default_config_exits_with_one_clear_line(
+    image: Image, tmp_path: Path
+) -> None:
+    with run_container(image, tmp_path, hosting=False) as running:
+        returncode = running.proc.wait(timeout=30)
+        output = running.output()
+    assert returncode == 1, output
+    assert output.splitlines()[-1].startswith(
+        'relay: no domain is hosted: add a [domains."example.com"] table to '), output
+    assert "Traceback" not in output, output
 
 
 @pytest.mark.slow

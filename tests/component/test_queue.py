@@ -167,13 +167,13 @@ def test_expired_lease_of_another_node_is_recovered(queue: Queue) -> None:
 
 def test_hold_release_flush_delete(queue: Queue) -> None:
     queue.put_many([new("01"), new("02", "x@other.example")])
-    assert queue.hold(Selector(ids=("01",))) == 1
-    assert queue.hold(Selector(ids=("01",))) == 0  # idempotent
+    assert queue.hold(Selector(ids=("01",))) == ["01"]
+    assert queue.hold(Selector(ids=("01",))) == []  # idempotent
     assert [c.id for c in queue.claim_due("n", T0, 10, 600)] == ["02"]
-    assert queue.release(Selector(domain="verrotech.com"), T0) == 1
-    assert queue.release(Selector(domain="verrotech.com"), T0) == 0
-    assert queue.flush(Selector(everything=True), T0) == 1  # 02 is active: not touched
-    assert queue.delete(Selector(ids=("01", "02"))) == 2
+    assert len(queue.release(Selector(domain="verrotech.com"), T0)) == 1
+    assert len(queue.release(Selector(domain="verrotech.com"), T0)) == 0
+    assert len(queue.flush(Selector(everything=True), T0)) == 1  # 02 is active: not touched
+    assert queue.delete(Selector(ids=("01", "02"))) == ["01", "02"]
     assert queue.list() == []
     assert count(queue, messages) == 0
 
@@ -260,7 +260,7 @@ def test_deleting_more_messages_than_one_statement_takes(queue: Queue) -> None:
 
     n = IDS_PER_STATEMENT * 2 + 7
     queue.put_many([new(f"{i:05d}") for i in range(n)])
-    assert queue.delete(Selector(everything=True)) == n
+    assert len(queue.delete(Selector(everything=True))) == n
     assert queue.list() == [] and count(queue, bodies) == 0
 
 

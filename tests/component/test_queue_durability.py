@@ -103,7 +103,7 @@ def test_operator_verbs_stay_durable(queue: Queue, levels: list[str]) -> None:
     queue.apply([delivered(queue, "01")])
     queue.apply([new("02")])
     del levels[:]
-    assert queue.delete(Selector(ids=("02",))) == 1
+    assert queue.delete(Selector(ids=("02",))) == ["02"]
     assert levels == ["full"]
 
 

@@ -507,3 +507,33 @@ def test_an_expired_probe_does_not_stall_its_destination(deployment: Deployment)
     # within it; without one, `parked` waits for the 60 s expiry sweep or the 1 h lease.
     relay.wait_for(rf"{parked}: (delivered|expired) ", timeout=8)
     assert relay.terminate() == 0
+
+
+# -- 6. an outage as the operator sees it ------------------------------------------
+
+
+def test_an_outage_in_the_mail_log_and_relay_status(deployment: Deployment) -> None:
+    """One `down` line however many messages and probes fail, one `up again` line
+    with the outage's length, and `relay status` showing the destination meanwhile."""
+    deployment.sink(SENDER_MX)
+    relay = deployment.relay().start()
+    deployment.send(SENDER, [ALICE], message(0))
+    relay.wait_for(DOWN)
+    deployment.send(SENDER, [BOB], message(1))
+    deployment.send(SENDER, [CAROL], message(2))
+    relay.wait_for(r": deferred ", count=2, timeout=30)  # a probe (max_backoff 2 s) failed too
+    status = json.loads(ok(relay, "status", "--json"))
+    [down] = status["destinations"]
+    assert (down["destination"], down["up"], down["messages"]) == ("verrotech.com", False, 3)
+    assert down["since"] is not None and "Connection refused" in down["last_reply"]
+    assert status["queue"]["total"] == 3 and status["nodes"] == []
+    assert "verrotech.com  down" in ok(relay, "status")
+
+    primary = deployment.sink(PRIMARY)
+    primary.wait_for_messages(3, timeout=30)
+    relay.wait_for(r"destination verrotech\.com is up again after \d+s", timeout=10)
+    relay.wait_for(r": delivered ", count=3)
+    assert relay.count(DOWN) == 1
+    assert relay.count(r"destination verrotech\.com is up again") == 1
+    assert json.loads(ok(relay, "status", "--json"))["destinations"] == []
+    assert relay.terminate() == 0

@@ -1,7 +1,8 @@
 """What every `relay` command shares: `-c/--config`, config lookup, the one-line failure.
 
 Owns turning a config problem or an operational error into stderr lines and
-exit 1. Refuses everything else; the command groups import it, never each other.
+exit 1, and saying so on stderr when no config file was found. Refuses
+everything else; the command groups import it, never each other.
 Imports nothing heavy at module level: `relay --help` must start fast.
 """
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from relay.core.config import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+NO_FILE = "<defaults>"  # `Config.source` when no config file was found
 
 def fail(message: str) -> NoReturn:
     """One clear line on stderr, exit 1."""
@@ -42,8 +45,12 @@ def load_config(ctx: click.Context, path: str | None) -> Config:
 
     chosen = path or (ctx.find_root().obj or {}).get("config_path")
     try:
-        return configuration.load(chosen)
+        cfg = configuration.load(chosen)
     except configuration.ConfigError as exc:
         for problem in exc.problems:
             click.echo(problem, err=True)
         sys.exit(1)
+    if cfg.source == NO_FILE:  # silent defaults would bind 0.0.0.0:25 hosting nothing
+        click.echo("relay: no config file (tried -c, $RELAY_CONFIG, config/relay.toml); "
+                   "using built-in defaults", err=True)
+    return cfg

@@ -1,12 +1,12 @@
-"""The `relay` command: serve, check-config, db, queue.
+"""The `relay` command: serve, check-config, status, db, queue.
 
 Owns argument parsing, config lookup (`-c` before or after the command
 words, then $RELAY_CONFIG, then config/relay.toml, then defaults), exit codes
 (0 ok, 1 operational error, 2 usage) and turning every expected failure into
 one stderr line instead of a traceback. Refuses queue logic: operator verbs
-call `queue.py`. Each command imports what it needs when it runs (the
-service, SQLAlchemy, Alembic), so `relay --help` and the queue commands start
-fast: operators script them.
+call `queue.py`, `status` reads through `relay.ops.status`. Each command
+imports what it needs when it runs (the service, SQLAlchemy, Alembic), so
+`relay --help` and the queue commands start fast: operators script them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from relay.ops.cli.common import config_option, fail, load_config
+from relay.ops.cli.common import NO_FILE, config_option, fail, load_config
 
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (default 700)
 
@@ -53,6 +53,10 @@ def _settle_garbage_collector() -> None:
 def serve(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """Run the SMTP listener, the delivery scheduler and metrics until SIGTERM."""
     cfg = load_config(ctx, config_path)
+    if not cfg.domains:  # a backup MX for nobody: every RCPT would be refused
+        fail(f'no domain is hosted: add a [domains."example.com"] table to {cfg.source}'
+             if cfg.source != NO_FILE else
+             'no domain is hosted: give a config file with a [domains."example.com"] table')
     import asyncio
 
     from relay import service
@@ -95,6 +99,27 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
         sys.exit(1)
     click.echo(f"# {cfg.source}: ok")
     click.echo(json.dumps(configuration.effective(cfg), indent=2))
+
+
+@main_group.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.pass_context
+def status_command(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """The queue, the destinations that are down or have mail, the nodes, at a glance."""
+    from relay.ops import status
+    from relay.ops.cli import queue_select as sel
+    from relay.ops.cli.queue_views import echo_json
+
+    _, queue = sel.open_queue(ctx, config_path)
+    with sel.guarded():
+        url = queue.engine.url.render_as_string(hide_password=True)
+        now = sel.clock.now()
+        found = status.gather(queue, url, sel.stored_revision(queue.engine), now)
+        if as_json:
+            echo_json(status.as_json(found))
+        else:
+            click.echo(status.as_text(found))
 
 
 @main_group.group("db")

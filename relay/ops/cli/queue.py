@@ -3,7 +3,7 @@
 Owns the `queue` command group of SPEC "Package and commands" and its read
 commands: `list` (mailq-like table or JSON), `show` (human, JSON or the raw
 stored bytes) and `stats`. The verbs that change the queue (`flush`, `hold`,
-`release`, `delete`, `bounce`) are in `queue_verbs.py`; choosing messages,
+`release`, `requeue`, `delete`, `bounce`) are in `queue_verbs.py`; choosing messages,
 opening the queue and one-line failures in `queue_select.py`; output formats
 in `queue_views.py`. Every command checks that the database is at head
 revision before touching it; exit codes are 0 ok, 1 operational, 2 usage.
@@ -69,13 +69,16 @@ def list_command(
 ) -> None:
     """One row per queued message, like mailq (`*` active, `!` on hold)."""
     checked = domain_option(domain)
-    _, queue = open_queue(ctx, config_path)
+    cfg, queue = open_queue(ctx, config_path)
     with guarded():
         views = queue.list(domain=checked, state=state or "")
+        note = None if views else sel.nothing_for_domain(cfg, queue, domain, checked)
         if as_json:
             echo_json([message_json(v) for v in views])
+            if note:
+                click.echo(note, err=True)  # stdout stays JSON
         else:
-            click.echo(mailq(views))
+            click.echo(note or mailq(views, sel.clock.now()))
 
 
 @queue_group.command("show")

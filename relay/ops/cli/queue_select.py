@@ -2,8 +2,10 @@
 
 Owns the checks made before any database work (domain syntax, queue IDs
 normalised to the stored upper case, `--all` against IDs), opening a queue
-whose schema is at head, and turning every expected failure into one stderr
-line. Refuses output formats (`queue_views.py`) and the commands themselves.
+whose schema is at head, turning every expected failure into one stderr
+line, saying so when a domain selects nothing, and the mail log a command
+writes on stderr. Refuses output formats (`queue_views.py`) and the commands
+themselves.
 
 Imports the database layers inside the functions that need them, so that
 `relay --help` and usage errors never pay for SQLAlchemy.
@@ -11,11 +13,12 @@ Imports the database layers inside the functions that need them, so that
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -231,6 +234,34 @@ def finish(unknown: Sequence[str]) -> None:
     report_unknown(unknown)
     if unknown:
         sys.exit(1)
+
+
+def operator_log(cfg: Config) -> AbstractContextManager[None]:
+    """The mail log on stderr, in the config's format and level, while a verb runs."""
+    from relay.core import maillog
+
+    return maillog.to_stderr(cfg.log.level, json_lines=cfg.log.format == "json")
+
+
+def operator_name() -> str:
+    """Who ran the command, for the mail log (the login name, else the uid)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):  # no passwd entry (a container's bare uid)
+        return str(os.getuid())
+
+
+def nothing_for_domain(cfg: Config, queue: Queue, domain: str | None, checked: str) -> str | None:
+    """`no queued message for domain D`, plus `(D is not a hosted domain)` when
+    it is not in the config, when `--domain D` selects no message at all;
+    None when it does (or no domain was given)."""
+    if not checked or queue.counts_by_destination().get(checked):
+        return None
+    shown = (domain or checked).strip()
+    note = f"no queued message for domain {shown}"
+    if cfg.domain(checked) is None:
+        note += f" ({shown} is not a hosted domain)"
+    return note
 
 
 def wake_relays(queue: Queue, changed: int) -> None:

@@ -1,9 +1,12 @@
-"""`relay queue flush|hold|release|delete|bounce`: the verbs that change the queue.
+"""`relay queue flush|hold|release|requeue|delete|bounce`: the verbs that change the queue.
 
 Owns these commands' arguments, confirmations and messages (SPEC "Package
-and commands"), and waking the running relays once a change makes mail due
-now (flush, release, a bounce that queued a DSN). Refuses SQL (every change
-goes through `queue.Queue`) and bounce decisions (`outcomes.decide`).
+and commands", "Operating it day to day"): the mail log line per message
+changed (`held by operator`, ...), `no queued message for domain D` when a
+domain selects nothing, and waking the running relays once a change makes
+mail due now (flush, release, requeue, a bounce that queued a DSN). Refuses
+SQL (every change goes through `queue.Queue`) and bounce decisions
+(`outcomes.decide`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from relay.core import maillog
 from relay.ops.cli import queue_select as sel
 from relay.ops.cli.common import config_option, fail
 from relay.ops.cli.queue_select import guarded, open_queue, queue_ids_argument, usage, wake_relays
@@ -24,6 +28,7 @@ from relay.ops.cli.queue_views import plural
 
 if TYPE_CHECKING:
     from relay.queue.access import Queue
+    from relay.queue.rows import Selector
 
 BOUNCE_LEASE = 300.0  # seconds an operator bounce holds its message
 
@@ -37,6 +42,25 @@ def _selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("ids", nargs=-1, metavar="[ID]...", callback=queue_ids_argument)(func)
 
 
+def _change(
+    ctx: click.Context, config_path: str | None, ids: tuple[str, ...], domain: str | None,
+    everything: bool, verb: str, done: str, change: Callable[[Queue, Selector], list[str]],
+    wake: bool = False,
+) -> None:
+    """Select, change, log each changed ID, print the count (or why none)."""
+    resolve, checked = sel.target(ctx, ids, domain, everything, verb)
+    cfg, queue = open_queue(ctx, config_path)
+    with guarded(), sel.operator_log(cfg):
+        target = resolve(queue)
+        changed = [] if target.empty else change(queue, target.selector)
+        maillog.operator(done, changed, sel.operator_name())
+        if wake:
+            wake_relays(queue, len(changed))
+        note = None if changed else sel.nothing_for_domain(cfg, queue, domain, checked)
+        click.echo(note or f"{plural(len(changed))} {done}")
+    sel.finish(target.unknown)
+
+
 @click.command("flush")
 @config_option
 @_selection_options
@@ -46,14 +70,8 @@ def flush_command(
     everything: bool,
 ) -> None:
     """Make deferred messages due now (a flushed domain counts as up again)."""
-    resolve, _ = sel.target(ctx, ids, domain, everything, "flush")
-    _, queue = open_queue(ctx, config_path)
-    with guarded():
-        target = resolve(queue)
-        n = 0 if target.empty else queue.flush(target.selector, sel.clock.now())
-        wake_relays(queue, n)
-        click.echo(f"{plural(n)} flushed")
-    sel.finish(target.unknown)
+    _change(ctx, config_path, ids, domain, everything, "flush", "flushed",
+            lambda queue, chosen: queue.flush(chosen, sel.clock.now()), wake=True)
 
 
 @click.command("hold")
@@ -65,13 +83,8 @@ def hold_command(
     everything: bool,
 ) -> None:
     """Stop delivery attempts (state `hold`) until released."""
-    resolve, _ = sel.target(ctx, ids, domain, everything, "hold")
-    _, queue = open_queue(ctx, config_path)
-    with guarded():
-        target = resolve(queue)
-        n = 0 if target.empty else queue.hold(target.selector)
-        click.echo(f"{plural(n)} held")
-    sel.finish(target.unknown)
+    _change(ctx, config_path, ids, domain, everything, "hold", "held",
+            lambda queue, chosen: queue.hold(chosen))
 
 
 @click.command("release")
@@ -83,14 +96,25 @@ def release_command(
     everything: bool,
 ) -> None:
     """Put held messages back to `deferred`, due now."""
-    resolve, _ = sel.target(ctx, ids, domain, everything, "release")
-    _, queue = open_queue(ctx, config_path)
-    with guarded():
-        target = resolve(queue)
-        n = 0 if target.empty else queue.release(target.selector, sel.clock.now())
-        wake_relays(queue, n)
-        click.echo(f"{plural(n)} released")
-    sel.finish(target.unknown)
+    _change(ctx, config_path, ids, domain, everything, "release", "released",
+            lambda queue, chosen: queue.release(chosen, sel.clock.now()), wake=True)
+
+
+@click.command("requeue")
+@config_option
+@_selection_options
+@click.pass_context
+def requeue_command(
+    ctx: click.Context, config_path: str | None, ids: tuple[str, ...], domain: str | None,
+    everything: bool,
+) -> None:
+    """Route messages afresh, due now, attempts and backoff reset (postsuper -r).
+
+    Their lifetime is unchanged; a held message stays held; one being
+    delivered right now is left to its attempt.
+    """
+    _change(ctx, config_path, ids, domain, everything, "requeue", "requeued",
+            lambda queue, chosen: queue.requeue(chosen, sel.clock.now()), wake=True)
 
 
 def interactive() -> bool:
@@ -115,14 +139,11 @@ def delete_command(
     ask = not yes
     if ask and not interactive():
         usage(ctx, "not a terminal: add --yes to delete without confirmation")
-    _, queue = open_queue(ctx, config_path)
-    with guarded():
+    cfg, queue = open_queue(ctx, config_path)
+    with guarded(), sel.operator_log(cfg):
         target = resolve(queue)
-        if target.empty:
-            click.echo(f"{plural(0)} deleted")
-            sel.finish(target.unknown)
-            return
-        if ask:
+        go = not target.empty
+        if ask and go:
             if everything:
                 count = queue.stats().total
             else:
@@ -130,15 +151,14 @@ def delete_command(
                 if checked:
                     chosen |= {v.id for v in queue.list(domain=checked)}
                 count = len(chosen)
-            if count == 0:
-                click.echo(f"{plural(0)} deleted")
-                sel.finish(target.unknown)
-                return
             what = "the whole queue" if everything else plural(count)
-            if not click.confirm(f"Delete {what} for good?", default=False, err=True):
+            go = count > 0  # nothing to ask about: nothing is deleted
+            if go and not click.confirm(f"Delete {what} for good?", default=False, err=True):
                 fail("nothing deleted")
-        n = queue.delete(target.selector)
-        click.echo(f"{plural(n)} deleted")
+        deleted = queue.delete(target.selector) if go else []
+        maillog.operator("deleted", deleted, sel.operator_name())
+        note = None if deleted else sel.nothing_for_domain(cfg, queue, domain, checked)
+        click.echo(note or f"{plural(len(deleted))} deleted")
     sel.finish(target.unknown)
 
 
@@ -161,7 +181,8 @@ def bounce_command(ctx: click.Context, config_path: str | None, ids: tuple[str, 
     owner = f"{cfg.node.hostname}/cli-{os.getpid()}"
     problems = 0
     queued_dsns = 0
-    with guarded():
+    user = sel.operator_name()
+    with guarded(), sel.operator_log(cfg):
         now = sel.clock.now()
         found = queue.existing(wanted)
         claimed = {c.id: c for c in queue.claim_ids(
@@ -186,6 +207,7 @@ def bounce_command(ctx: click.Context, config_path: str | None, ids: tuple[str, 
                 click.echo(f"relay: {qid}: not bounced: {sel.one_line(exc)}", err=True)
                 problems += 1
                 continue
+            maillog.operator("bounced", [qid], user)
             dsns = decision.attempt.dsns
             queued_dsns += len(dsns)
             if dsns:
@@ -208,4 +230,5 @@ def _give_back(queue: Queue, qid: str, owner: str, now: datetime) -> None:
         queue.unclaim([qid], owner, now)
 
 
-VERBS = (flush_command, hold_command, release_command, delete_command, bounce_command)
+VERBS = (flush_command, hold_command, release_command, requeue_command, delete_command,
+         bounce_command)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from relay.core.maillog import span
 from relay.core.model import MessageState
 
 if TYPE_CHECKING:
@@ -30,21 +31,6 @@ def iso(when: datetime | None) -> str | None:
 
 def human_time(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def span(seconds: float) -> str:
-    """`2d 3h`, `4h`, `6m 7s`, `8s`: the largest unit and the next one when not zero."""
-    seconds = max(0, int(seconds))
-    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
-    for i, (unit, size) in enumerate(units):
-        if seconds >= size or unit == "s":
-            text = f"{seconds // size}{unit}"
-            if i + 1 < len(units):
-                small, small_size = units[i + 1]
-                if rest := (seconds % size) // small_size:
-                    text += f" {rest}{small}"
-            return text
-    raise AssertionError("unreachable")
 
 
 def plural(n: int, word: str = "message") -> str:
@@ -84,15 +70,30 @@ def echo_json(value: object) -> None:
 
 _MARK = {MessageState.ACTIVE.value: "*", MessageState.HOLD.value: "!"}
 _ID_WIDTH = 28
+_TIME_WIDTH = 22
 _HEADER = (
-    f"{'-Queue ID-':<{_ID_WIDTH}} {'--Size--':>8} {'--Arrival Time (UTC)--':<22} "
-    "-Sender/Recipient-------"
+    f"{'-Queue ID-':<{_ID_WIDTH}} {'--Size--':>8} {'--Arrival Time (UTC)--':<{_TIME_WIDTH}} "
+    f"{'--Next Attempt (UTC)--':<{_TIME_WIDTH}} -Sender/Recipient-------"
 )
-_INDENT = " " * (_ID_WIDTH + 1 + 8 + 1 + 22 + 1)
+_INDENT = " " * (_ID_WIDTH + 1 + 8 + 1 + _TIME_WIDTH + 1 + _TIME_WIDTH + 1)
 
 
-def mailq(views: Sequence[MessageView]) -> str:
-    """The Postfix `mailq` layout: `*` active, `!` on hold, deferred replies in brackets."""
+def _next_attempt_cell(view: MessageView, now: datetime) -> str:
+    """When the message is tried next, in one word or one time."""
+    if view.state == MessageState.ACTIVE.value:
+        return "running"
+    if view.state == MessageState.HOLD.value:
+        return "on hold"
+    if view.next_attempt_at is None:
+        return "after the probe"  # parked: its destination's probe is running
+    if view.next_attempt_at <= now:
+        return "due now"
+    return view.next_attempt_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def mailq(views: Sequence[MessageView], now: datetime) -> str:
+    """The Postfix `mailq` layout plus when each message is tried next: `*`
+    active, `!` on hold, deferred replies in brackets."""
     if not views:
         return "Mail queue is empty"
     lines = [_HEADER]
@@ -100,7 +101,8 @@ def mailq(views: Sequence[MessageView]) -> str:
         ident = v.id + _MARK.get(v.state, "")
         arrival = v.received_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
         sender = v.sender or "MAILER-DAEMON"
-        lines.append(f"{ident:<{_ID_WIDTH}} {v.size:>8} {arrival:<22} {sender}")
+        lines.append(f"{ident:<{_ID_WIDTH}} {v.size:>8} {arrival:<{_TIME_WIDTH}} "
+                     f"{_next_attempt_cell(v, now):<{_TIME_WIDTH}} {sender}")
         for r in v.recipients:
             if r.status == "deferred":
                 reason = r.last_reply or v.last_error
