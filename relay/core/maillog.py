@@ -131,7 +131,7 @@ def destination_up(destination: str, down_for: float | None) -> None:
 
 def _destination(event: str, text: str, **fields: Any) -> None:
     if log.isEnabledFor(logging.INFO):
-        log.info("%s", text, extra={"mail_event": {"event": event, **fields}})
+        log.info("%s", text, extra={"mail_event": {"event": event, "message": text, **fields}})
 
 
 def span(seconds: float) -> str:

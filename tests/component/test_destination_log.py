@@ -42,7 +42,8 @@ def test_down_is_logged_once_and_not_for_later_failures(
     assert lines(caplog) == [f"destination {DEST} is down: refused"]
     [record] = [r for r in caplog.records if r.getMessage().startswith("destination ")]
     assert record.mail_event == {  # type: ignore[attr-defined]
-        "event": "destination down", "destination": DEST, "reason": "refused"}
+        "event": "destination down", "destination": DEST, "reason": "refused",
+        "message": f"destination {DEST} is down: refused"}
     assert down_since(queue) == T0
     # The destination's other message fails too (it was claimed before the park).
     queue.start_probes(RETRY, stale_before=T0)
@@ -65,7 +66,8 @@ def test_up_again_names_how_long_it_was_down(
     ]
     up = [r for r in caplog.records if r.getMessage().startswith("destination ")][-1]
     assert up.mail_event == {  # type: ignore[attr-defined]
-        "event": "destination up", "destination": DEST, "down_seconds": 307}
+        "event": "destination up", "destination": DEST, "down_seconds": 307,
+        "message": f"destination {DEST} is up again after 5m 7s"}
     assert down_since(queue) is None
     # Up and still up: nothing more.
     [c] = queue.claim_due("n", later, limit=1, lease=600)
