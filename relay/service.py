@@ -132,7 +132,7 @@ async def serve(
     log.info(
         "mx-relay ready: smtp on %s, queue %s",
         ", ".join(str(a) for a in config.smtp.listen),
-        engine.url.render_as_string(),
+        config.queue.location,
     )
     if on_ready:
         on_ready()

@@ -70,7 +70,7 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
     try:
         runner(service.serve(cfg))
     except (db.DatabaseError, QueueError) as exc:
-        fail(str(exc))
+        fail(f"{exc} (queue: {cfg.queue.location})")
     except OSError as exc:
         fail(f"cannot start: {exc.strerror or exc}")
 
@@ -82,6 +82,7 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
     """Validate the config and print the effective settings."""
     cfg = load_config(ctx, config_path)
     click.echo(f"# {cfg.source}: ok")
+    click.echo(f"# queue: {cfg.queue.location}")
     click.echo(json.dumps(configuration.effective(cfg), indent=2))
 
 
@@ -99,8 +100,9 @@ def db_upgrade(ctx: click.Context, config_path: str | None) -> None:
     try:
         rev = db.upgrade(db.connect(cfg.queue.url))
     except db.DatabaseError as exc:
-        fail(str(exc))
+        fail(f"{exc} (queue: {cfg.queue.location})")
     click.echo(f"database at revision {rev.current} (head)")
+    click.echo(f"queue: {cfg.queue.location}")
 
 
 @db_group.command("current")
@@ -112,16 +114,20 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
     try:
         rev = db.revision(db.connect(cfg.queue.url))
     except db.DatabaseError as exc:
-        fail(str(exc))
+        fail(f"{exc} (queue: {cfg.queue.location})")
+    known = True
     if rev.up_to_date:
         click.echo(f"{rev.current} (head)")
     elif rev.current is None:
         click.echo(f"empty (head is {rev.head}): run relay db upgrade")
     elif not db.is_known(rev.current):
         click.echo(f"{rev.current} (unknown to this relay; its head is {rev.head})")
-        sys.exit(1)
+        known = False
     else:
         click.echo(f"{rev.current} (head is {rev.head}): run relay db upgrade")
+    click.echo(f"queue: {cfg.queue.location}")
+    if not known:
+        sys.exit(1)
 
 
 def main() -> None:
