@@ -513,5 +513,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
 
 def effective(config: Config) -> dict[str, Any]:
-    """The config as plain data, for `relay check-config` to print."""
-    return config.model_dump(mode="json", exclude={"source"})
+    """The config as plain data, for `relay check-config` to print: paths as
+    resolved, a database password as `***`."""
+    data = config.model_dump(mode="json", exclude={"source"})
+    data["queue"]["url"] = make_url(config.queue.url).render_as_string(hide_password=True)
+    return data

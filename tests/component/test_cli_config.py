@@ -85,8 +85,9 @@ def test_queue_is_found_next_to_the_config_from_any_directory(
 
     checked = relay(elsewhere, "check-config", "-c", config_path)
     assert checked.returncode == 0, checked.stderr
-    assert checked.stdout.splitlines()[1] == f"# queue: {database}"
-    effective = json.loads("\n".join(checked.stdout.splitlines()[2:]))
+    header, _, body = checked.stdout.partition("\n")
+    assert header == f"# {config_path}: ok"
+    effective = json.loads(body)
     assert effective["queue"]["url"] == f"sqlite:///{database}"
 
 

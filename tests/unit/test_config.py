@@ -168,6 +168,7 @@ def test_queue_location_never_shows_a_password(tmp_path: Path, url: str, locatio
     assert cfg.queue.url == url
     assert cfg.queue.location == location
     assert "s3cret" not in cfg.queue.location
+    assert "s3cret" not in config.effective(cfg)["queue"]["url"]  # check-config prints it
 
 
 def test_tls_files_resolve_next_to_config(tmp_path: Path) -> None:

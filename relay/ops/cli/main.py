@@ -79,10 +79,9 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
 @config_option
 @click.pass_context
 def check_config(ctx: click.Context, config_path: str | None) -> None:
-    """Validate the config and print the effective settings."""
+    """Validate the config and print the effective settings (paths resolved)."""
     cfg = load_config(ctx, config_path)
     click.echo(f"# {cfg.source}: ok")
-    click.echo(f"# queue: {cfg.queue.location}")
     click.echo(json.dumps(configuration.effective(cfg), indent=2))
 
 
