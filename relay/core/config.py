@@ -452,7 +452,7 @@ def _resolve_paths(config: Config, base: Path, queue_base: Path) -> Config:
     return config.model_copy(update={"smtp": smtp, "domains": domains, "queue": queue})
 
 
-def _format_error(source: str, error: dict[str, Any]) -> str:
+def _format_error(source: str, error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":

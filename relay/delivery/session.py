@@ -20,7 +20,7 @@ import ipaddress
 import re
 import ssl
 from collections.abc import Awaitable, Sequence
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import aiosmtplib
 from aiosmtplib import (
@@ -164,7 +164,7 @@ class Session:
         self._command_timeout = command_timeout
         self._data_timeout = data_timeout
         self._smtp: _Client | None = None
-        self._raw: asyncio.BaseTransport | None = None  # the TCP transport, under any TLS
+        self._raw: asyncio.Transport | None = None  # the TCP transport, under any TLS
         self._connected = False  # a TCP connection was made: close() waits for its end
         self._needs_rset = False
 
@@ -219,7 +219,7 @@ class Session:
             raise SessionFailure(
                 Reply(SOFT_FAILURE, f"4.4.1 connect to {self.label}: {exc}")
             ) from None
-        self._raw = smtp.transport
+        self._raw = cast("asyncio.Transport | None", smtp.transport)  # a stream transport
         self._connected = True
 
         try:

@@ -166,7 +166,9 @@ class _Server(web.Server):
         loop = asyncio.get_running_loop()
         self._deadlines[transport] = loop.call_later(self._read_timeout, transport.abort)
 
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None) -> None:
+    def connection_lost(
+        self, handler: RequestHandler, exc: BaseException | None = None
+    ) -> None:
         super().connection_lost(handler, exc)
         for transport in [t for t in self._deadlines if t.is_closing()]:
             self._deadlines.pop(transport).cancel()
