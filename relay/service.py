@@ -227,7 +227,7 @@ async def serve(
     log.info(
         "mx-relay ready: smtp on %s, queue %s",
         ", ".join(str(a) for a in config.smtp.listen),
-        engine.url.render_as_string(),
+        config.queue.location,
     )
     reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
                                     poll_interval))

@@ -27,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from relay.core.address import AddressError, destination_key, parse_domain
 
@@ -96,27 +98,55 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_host_name(text: str) -> bool:
+    """A DNS host name: dot-separated labels of letters, digits and inner hyphens."""
+    labels = text.removesuffix(".").split(".")
+    return len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
 def parse_host_port(value: str, default_port: int | None = None) -> HostPort:
-    """`"1.2.3.4:25"`, `"[::1]:25"`, `"host:25"` (or a bare host with a default port)."""
+    """`"1.2.3.4:25"`, `"[::1]:25"`, `"host:25"` (or a bare host with a default port).
+
+    A colon promises a port: `"host:"` is refused, never read as the default.
+    """
     text = value.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep:
             raise ValueError(f"{value!r}: missing ']'")
-        port_text = rest[1:] if rest.startswith(":") else rest
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r}: expected ':port' after ']'")
+        has_port, port_text = rest.startswith(":"), rest[1:]
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
+        has_port = True
     else:
-        host, port_text = text, ""
+        host, port_text, has_port = text, "", False
     if not host:
         raise ValueError(f"{value!r}: missing host")
-    if not port_text:
+    if not has_port:
         if default_port is None:
             raise ValueError(f"{value!r}: missing port (write host:port)")
         return HostPort(host, default_port)
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
     return HostPort(host, int(port_text))
+
+
+def parse_next_hop(value: str) -> HostPort:
+    """A host name or IP address with an optional port (default 25) we can connect to."""
+    hp = parse_host_port(value, default_port=25)
+    if not 1 <= hp.port <= 65535:
+        raise ValueError(f"{value!r}: port must be from 1 to 65535")
+    try:
+        ipaddress.ip_address(hp.host)
+    except ValueError:
+        if value.strip().startswith("[") or not is_host_name(hp.host):
+            raise ValueError(f"{value!r}: {hp.host!r} is not a host name or IP address") from None
+    return hp
 
 
 def _listen_address(value: object) -> HostPort:
@@ -126,13 +156,12 @@ def _listen_address(value: object) -> HostPort:
     try:
         ipaddress.ip_address(hp.host)
     except ValueError:
-        if hp.host != "localhost":
-            raise ValueError(f"{value!r}: listen on an IP address, not a host name") from None
+        raise ValueError(f"{value!r}: listen on an IP address (ip:port), not a host name") from None
     return hp
 
 
 ListenAddress = Annotated[
-    HostPort, BeforeValidator(_listen_address), PlainSerializer(str, return_type=str)
+    HostPort, BeforeValidator(_listen_address), PlainSerializer(HostPort.__str__, return_type=str)
 ]
 
 
@@ -231,7 +260,37 @@ class QueueConfig(_Section):
     def _url(cls, value: str) -> str:
         if not value.startswith(("sqlite:", "sqlite+", "postgresql:", "postgresql+")):
             raise ValueError(f"{value!r}: expected sqlite:///PATH or postgresql+psycopg://...")
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(f"{value!r}: not a database URL: {exc}") from None
         return value
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None (PostgreSQL, or SQLite in memory)."""
+        return _sqlite_path(self.url)
+
+    @property
+    def location(self) -> str:
+        """Where the queue is, for people: SQLite's file, or the URL without its password."""
+        path = self.sqlite_path
+        if path is not None:
+            return str(path)
+        url = make_url(self.url)
+        if url.get_backend_name() == "sqlite":
+            return "SQLite in memory"
+        public = URL.create(
+            url.drivername, url.username, None, url.host, url.port, url.database, url.query
+        )
+        return public.render_as_string(hide_password=False)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 class DeliveryConfig(_Section):
@@ -340,8 +399,8 @@ class DomainConfig(_Section):
     @classmethod
     def _next_hop(cls, value: str) -> str:
         if value:
-            parse_host_port(value, default_port=25)
-        return value
+            parse_next_hop(value)
+        return value.strip()
 
 
 class Config(_Section):
@@ -397,25 +456,59 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, An
     return data
 
 
-def _check_files(config: Config, base: Path) -> list[str]:
-    """Files the config names must exist now, not at the first TLS handshake."""
+def _file_problem(path: Path) -> str | None:
+    """Why a file the relay must read cannot be read, or None."""
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    return None
+
+
+def _database_problem(path: Path) -> str | None:
+    """Why a SQLite database file cannot be opened or created there, or None."""
+    if path.is_dir():
+        return f"{path} is a directory, not a database file"
+    if path.exists():
+        return None
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot create {path}: {ancestor} is not a directory"
+    return None
+
+
+def _check_files(written: Config, resolved: Config) -> list[str]:
+    """Paths the config names must work now, not at the first TLS handshake.
+
+    A problem names the path as written and, when relative, where it resolved.
+    """
+
+    def paths(config: Config) -> list[tuple[str, str]]:
+        named = [("smtp.tls_cert", config.smtp.tls_cert), ("smtp.tls_key", config.smtp.tls_key)]
+        named += [
+            (f"domains.{name}.recipients_file", domain.recipients_file)
+            for name, domain in config.domains.items()
+        ]
+        return named
+
     problems = []
-    for key, value in (
-        ("smtp.tls_cert", config.smtp.tls_cert),
-        ("smtp.tls_key", config.smtp.tls_key),
-    ):
-        if value and not (base / value).is_file():
-            problems.append(f"{key}: file not found: {value}")
-    for name, domain in config.domains.items():
-        if domain.recipients_file and not (base / domain.recipients_file).is_file():
-            problems.append(
-                f"domains.{name}.recipients_file: file not found: {domain.recipients_file}"
-            )
+    for (key, value), (_, path) in zip(paths(written), paths(resolved), strict=True):
+        if value and (problem := _file_problem(Path(path))):
+            where = "" if value == path else f" (resolved to {path})"
+            problems.append(f"{key}: {problem}: {value}{where}")
+    database = resolved.queue.sqlite_path
+    if database is not None and (problem := _database_problem(database)):
+        problems.append(f"queue.url: {problem}")
     return problems
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
-    """Relative file paths are relative to the config file's directory."""
+def _resolve_paths(config: Config, base: Path, queue_base: Path) -> Config:
+    """Relative file paths are relative to the config file's directory (SPEC Part 2);
+    a SQLite URL from the environment is relative to the working directory."""
 
     def fix(value: str) -> str:
         return str(base / value) if value and not Path(value).is_absolute() else value
@@ -427,10 +520,15 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         name: d.model_copy(update={"recipients_file": fix(d.recipients_file)})
         for name, d in config.domains.items()
     }
-    return config.model_copy(update={"smtp": smtp, "domains": domains})
+    queue = config.queue
+    database = queue.sqlite_path
+    if database is not None and not database.is_absolute():
+        url = make_url(queue.url).set(database=str(queue_base / database))
+        queue = queue.model_copy(update={"url": url.render_as_string(hide_password=False)})
+    return config.model_copy(update={"smtp": smtp, "domains": domains, "queue": queue})
 
 
-def _format_error(source: str, error: dict[str, Any]) -> str:
+def _format_error(source: str, error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = str(error["msg"])
     if error["type"] == "extra_forbidden":
@@ -445,10 +543,14 @@ def from_mapping(
     base: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Config:
-    """Validate already-parsed TOML data; every problem is reported at once."""
+    """Validate already-parsed TOML data; every problem is reported at once.
+
+    Relative paths resolve against `base` (the config file's directory; the
+    working directory when None), a `RELAY_QUEUE_URL` against the working directory.
+    """
+    env = os.environ if env is None else env
     merged = _env_overrides(
-        {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()},
-        os.environ if env is None else env,
+        {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}, env
     )
     if "source" in merged:
         raise ConfigError([f"{source}: source: unknown key"])
@@ -456,10 +558,12 @@ def from_mapping(
         config = Config.model_validate({**merged, "source": source})
     except ValidationError as exc:
         raise ConfigError([_format_error(source, e) for e in exc.errors()]) from None
-    base = base or Path.cwd()
-    if problems := [f"{source}: {p}" for p in _check_files(config, base)]:
+    cwd = Path.cwd()
+    base = (cwd / base) if base is not None else cwd
+    resolved = _resolve_paths(config, base, cwd if env.get("RELAY_QUEUE_URL") else base)
+    if problems := [f"{source}: {p}" for p in _check_files(config, resolved)]:
         raise ConfigError(problems)
-    return _resolve_paths(config, base)
+    return resolved
 
 
 def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -485,5 +589,8 @@ def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -
 
 
 def effective(config: Config) -> dict[str, Any]:
-    """The config as plain data, for `relay check-config` to print."""
-    return config.model_dump(mode="json", exclude={"source"})
+    """The config as plain data, for `relay check-config` to print: paths as
+    resolved, a database password as `***`."""
+    data = config.model_dump(mode="json", exclude={"source"})
+    data["queue"]["url"] = make_url(config.queue.url).render_as_string(hide_password=True)
+    return data

@@ -1,30 +1,29 @@
-"""The metrics endpoint: a tiny HTTP/1.1 server for `/metrics` and `/healthz`.
+"""The metrics endpoint: `/metrics` and `/healthz` on aiohttp's low-level server.
 
-Owns the socket on `metrics.listen`, request parsing (one request per
-connection, bounded head, read and write deadlines, a cap on simultaneous
-connections) and the health verdict's wire form. `GET /metrics` is the
-Prometheus text format (0.0.4) of the registry it is given, generated in a
-dedicated thread because the queue collector queries the database; concurrent
-scrapes share one generation. `GET /healthz` is 200 `ok` or 503 and one line
-saying why. HEAD works on both; other paths 404, other methods 405,
-malformed requests 400.
+Owns what the endpoint answers: `GET /metrics` is the Prometheus text format
+(0.0.4) of the registry it is given, generated in a dedicated thread because
+the queue collector queries the database; concurrent scrapes share one
+generation. `GET /healthz` is 200 `ok` or 503 and one line saying why. HEAD
+works on both; other paths 404, other methods 405, an HTTP/1.1 request
+without Host 400, a head over 8 KiB 431 (or aiohttp's 400). One request per
+connection, a deadline for the request head, a cap on simultaneous connections.
 
-Refuses to know what a metric is (`metrics.py`) or how the database is
-reached (`Queue.ping`): it is handed a registry and a health callable.
+Refuses to parse HTTP (aiohttp does), to know what a metric is
+(`metrics.py`) or how the database is reached (`Queue.ping`): it is handed
+a registry and a health callable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from relay.core.config import HostPort
 
@@ -32,33 +31,19 @@ log = logging.getLogger(__name__)
 
 Health = Callable[[], Awaitable[tuple[bool, str]]]
 
-MAX_HEAD = 8192  # request line and headers, in all
+MAX_LINE = 8190  # request line, and each header line
+MAX_HEADERS = 8192  # all header lines together
 READ_TIMEOUT = 5.0  # for the whole request head
-WRITE_TIMEOUT = 10.0
 SCRAPE_TIMEOUT = 10.0  # Prometheus' own default scrape timeout
 HEALTH_TIMEOUT = 2.0
 MAX_CONNECTIONS = 32
+SHUTDOWN_TIMEOUT = 5.0  # for requests still being answered when the relay stops
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(rb"/[\x21-\x7e]*")
-_VERSION = re.compile(rb"HTTP/1\.[01]")
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+# Prometheus' text format 0.0.4, spelt out: prometheus_client's constant for it
+# moved between versions.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+_PATHS = ("/metrics", "/healthz")
 
 
 class _Shared:
@@ -116,6 +101,26 @@ class HealthCheck:
         self._ping.close()
 
 
+class MetricsServer:
+    """The listening endpoint: `sockets` (port 0 picks one), `close()`, `wait_closed()`."""
+
+    def __init__(self, listener: asyncio.Server, web_server: _Server) -> None:
+        self._listener = listener
+        self._web_server = web_server
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._listener.sockets)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        await self._web_server.shutdown(SHUTDOWN_TIMEOUT)
+        await self._listener.wait_closed()
+        self._web_server.close()
+
+
 async def start_http(
     address: HostPort,
     registry: CollectorRegistry,
@@ -124,79 +129,92 @@ async def start_http(
     read_timeout: float = READ_TIMEOUT,
     scrape_timeout: float = SCRAPE_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
-) -> asyncio.Server:
-    """Listen on `address` (port 0 picks one: see `server.sockets`) and serve."""
-    handler = _Handler(registry, health, read_timeout, scrape_timeout, max_connections)
-    return await asyncio.start_server(handler, address.host, address.port, limit=MAX_HEAD)
+) -> MetricsServer:
+    """Listen on `address` and serve until `close()`."""
+    endpoint = _Endpoint(registry, health, scrape_timeout)
+    web_server = _Server(
+        endpoint.handle,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+        access_log=None,
+        max_line_size=MAX_LINE,
+        max_field_size=MAX_LINE,
+    )
+    endpoint.server = web_server
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(web_server, address.host, address.port)
+    return MetricsServer(listener, web_server)
 
 
-class _Handler:
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        health: Health,
-        read_timeout: float,
-        scrape_timeout: float,
-        max_connections: int,
+class _Server(web.Server):
+    """aiohttp's low-level server, with the two limits it lacks: a connection
+    that has not sent a whole request head within `read_timeout` is closed,
+    and connections over `max_connections` are dropped unanswered."""
+
+    def __init__(self, handler: Any, *, read_timeout: float, max_connections: int,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._deadlines: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        if len(self.connections) >= self._max_connections:
+            transport.abort()
+            return
+        super().connection_made(handler, transport)
+        loop = asyncio.get_running_loop()
+        self._deadlines[transport] = loop.call_later(self._read_timeout, transport.abort)
+
+    def connection_lost(
+        self, handler: RequestHandler, exc: BaseException | None = None
     ) -> None:
+        super().connection_lost(handler, exc)
+        for transport in [t for t in self._deadlines if t.is_closing()]:
+            self._deadlines.pop(transport).cancel()
+
+    def request_started(self, transport: asyncio.BaseTransport | None) -> None:
+        """The head arrived in time: the deadline no longer applies."""
+        if transport is not None and (deadline := self._deadlines.pop(transport, None)):
+            deadline.cancel()
+
+    def close(self) -> None:
+        for deadline in self._deadlines.values():
+            deadline.cancel()
+        self._deadlines.clear()
+
+
+class _Endpoint:
+    def __init__(self, registry: CollectorRegistry, health: Health, scrape_timeout: float) -> None:
         self._scrape = _Shared(lambda: generate_latest(registry), "relay-metrics")
         self._health = health
-        self._read_timeout = read_timeout
         self._scrape_timeout = scrape_timeout
-        self._max_connections = max_connections
-        self._connections = 0
+        self.server: _Server | None = None  # set once the server exists
 
-    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._connections >= self._max_connections:
-            writer.transport.abort()
-            return
-        self._connections += 1
-        try:
-            await self._serve(reader, writer)
-        except (ConnectionError, TimeoutError):
-            writer.transport.abort()
-        except Exception:
-            log.exception("metrics endpoint: request failed")
-            writer.transport.abort()
-        finally:
-            self._connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head_only = False
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                method, path = await _read_request(reader)
-        except _BadRequest as exc:
-            status, content_type, body = exc.status, _TEXT, f"{exc}\n".encode()
-        except TimeoutError:
-            status, content_type, body = 408, _TEXT, b"request timeout\n"
-        else:
-            head_only = method == "HEAD"
-            status, content_type, body = await self._route(method, path)
-        headers = [
-            f"HTTP/1.1 {status} {_REASONS[status]}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-        ]
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.server is not None:
+            self.server.request_started(request.transport)
+        status, content_type, body = await self._route(request)
+        response = web.Response(
+            status=status,
+            body=body,
+            headers={"Content-Type": content_type, "Cache-Control": "no-store"},
+        )
         if status == 405:
-            headers.append("Allow: GET, HEAD")
-        writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("ascii"))
-        if not head_only:
-            writer.write(body)
-        async with asyncio.timeout(WRITE_TIMEOUT):
-            await writer.drain()
+            response.headers["Allow"] = "GET, HEAD"
+        response.force_close()  # one request per connection
+        return response
 
-    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        if path not in ("/metrics", "/healthz"):
+    async def _route(self, request: web.BaseRequest) -> tuple[int, str, bytes]:
+        if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > MAX_HEADERS:
+            return 431, _TEXT, b"request head too large\n"
+        if request.version >= (1, 1) and "Host" not in request.headers:
+            return 400, _TEXT, b"missing Host header\n"
+        if request.path not in _PATHS:
             return 404, _TEXT, b"not found\n"
-        if method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD"):
             return 405, _TEXT, b"method not allowed\n"
-        if path == "/healthz":
+        if request.path == "/healthz":
             try:
                 ok, reason = await self._health()
             except Exception as exc:
@@ -209,47 +227,7 @@ class _Handler:
         except Exception as exc:
             log.exception("metrics endpoint: generation failed")
             return 500, _TEXT, f"metrics generation failed: {_one_line(exc)}\n".encode()
-        return 200, CONTENT_TYPE_PLAIN_0_0_4, body
-
-
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
-    """(method, path) of a well-formed HTTP/1.x request head, or _BadRequest."""
-    lines: list[bytes] = []
-    size = 0
-    while True:
-        try:
-            line = await reader.readline()
-        except ValueError:  # one line longer than the stream limit
-            raise _BadRequest(431, "request head too large") from None
-        size += len(line)
-        if size > MAX_HEAD:
-            raise _BadRequest(431, "request head too large")
-        if not line.endswith(b"\n"):
-            raise _BadRequest(400, "incomplete request")
-        if line in (b"\r\n", b"\n"):
-            if lines:
-                break
-            continue  # RFC 9112 2.2: ignore an empty line before the request line
-        lines.append(line.rstrip(b"\r\n"))
-    request_line, *header_lines = lines
-    parts = request_line.split(b" ")
-    if (
-        len(parts) != 3
-        or not _TOKEN.fullmatch(parts[0])
-        or not _TARGET.fullmatch(parts[1])
-        or not _VERSION.fullmatch(parts[2])
-    ):
-        raise _BadRequest(400, "malformed request line")
-    host = False
-    for header in header_lines:
-        name, colon, _ = header.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise _BadRequest(400, "malformed header")
-        host = host or name.lower() == b"host"
-    if parts[2] == b"HTTP/1.1" and not host:
-        raise _BadRequest(400, "missing Host header")
-    path = parts[1].split(b"?", 1)[0].decode("ascii")
-    return parts[0].decode("ascii"), path
+        return 200, METRICS_CONTENT_TYPE, body
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ whatever the queue length), so every process sharing one queue reports the
 same depth.
 
 Refuses the global registry (tests build several `Metrics`), HTTP (that is
-`httpd.py`) and any write to the database.
+`http.py`) and any write to the database.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -30,6 +36,11 @@ from relay.core.destination import State
 from relay.core.model import ATTEMPT_RESULTS, MessageState, Outcome
 
 log = logging.getLogger(__name__)
+
+# No `*_created` series: one more series per counter and histogram that no
+# dashboard or alert reads. A switch of prometheus_client's, read when a metric
+# is made, so it is set here, before any is.
+disable_created_metrics()
 
 QUEUE_MESSAGES = "relay_queue_messages"
 QUEUE_OLDEST_AGE = "relay_queue_oldest_message_age_seconds"

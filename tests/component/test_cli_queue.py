@@ -662,8 +662,13 @@ def test_database_not_initialised(tmp_path: Path) -> None:
 def test_database_unreachable_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "garbage.db").write_bytes(b"this is not sqlite" * 100)
+    under_a_file = write_config(tmp_path / "a.toml", f"sqlite:///{tmp_path}/a-file/sub/queue.db")
+    refused = run("queue", "stats", "-c", str(under_a_file))  # a config that can never work
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"{under_a_file}: queue.url: cannot create {tmp_path}/a-file/sub/queue.db: "
+        f"{tmp_path}/a-file is not a directory"]
     configs = [
-        write_config(tmp_path / "a.toml", f"sqlite:///{tmp_path}/a-file/sub/queue.db"),
         write_config(tmp_path / "b.toml", f"sqlite:///{tmp_path}/garbage.db"),
         write_config(tmp_path / "c.toml", "postgresql+psycopg://relay:pw@127.0.0.1:1/relay"),
     ]

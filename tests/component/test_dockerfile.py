@@ -578,9 +578,9 @@ def test_image_healthcheck_passes_on_a_running_relay(image: Image, tmp_path: Pat
 
 @pytest.mark.slow
 def test_image_does_not_serve_when_migration_fails(image: Image, tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    with run_container(image, tmp_path, queue_url=f"sqlite:///{blocker}/queue.db") as running:
+    garbage = tmp_path / "garbage.db"  # a valid config, a file SQLite cannot open
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with run_container(image, tmp_path, queue_url=f"sqlite:///{garbage}") as running:
         returncode = running.proc.wait(timeout=30)
         output = running.output()
     assert returncode == 1, output

@@ -77,7 +77,7 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
         runner(service.serve(cfg, config_path=cfg.source if cfg.source != "<defaults>" else None,
                              log_level=log_level))
     except (db.DatabaseError, QueueError) as exc:
-        fail(str(exc))
+        fail(f"{exc} (queue: {cfg.queue.location})")
     except OSError as exc:
         fail(f"cannot start: {exc.strerror or exc}")
 
@@ -86,7 +86,7 @@ def serve(ctx: click.Context, config_path: str | None, log_level: str | None) ->
 @config_option
 @click.pass_context
 def check_config(ctx: click.Context, config_path: str | None) -> None:
-    """Validate the config and print the effective settings."""
+    """Validate the config and print the effective settings (paths resolved)."""
     import json
 
     from relay.core import config as configuration
@@ -138,8 +138,9 @@ def db_upgrade(ctx: click.Context, config_path: str | None) -> None:
     try:
         rev = db.upgrade(db.connect(cfg.queue.url))
     except db.DatabaseError as exc:
-        fail(str(exc))
+        fail(f"{exc} (queue: {cfg.queue.location})")
     click.echo(f"database at revision {rev.current} (head)")
+    click.echo(f"queue: {cfg.queue.location}")
 
 
 @db_group.command("current")
@@ -153,16 +154,20 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
     try:
         rev = db.revision(db.connect(cfg.queue.url))
     except db.DatabaseError as exc:
-        fail(str(exc))
+        fail(f"{exc} (queue: {cfg.queue.location})")
+    known = True
     if rev.up_to_date:
         click.echo(f"{rev.current} (head)")
     elif rev.current is None:
         click.echo(f"empty (head is {rev.head}): run relay db upgrade")
     elif not db.is_known(rev.current):
         click.echo(f"{rev.current} (unknown to this relay; its head is {rev.head})")
-        sys.exit(1)
+        known = False
     else:
         click.echo(f"{rev.current} (head is {rev.head}): run relay db upgrade")
+    click.echo(f"queue: {cfg.queue.location}")
+    if not known:
+        sys.exit(1)
 
 
 @main_group.command()
