@@ -22,7 +22,8 @@ import pytest
 from relay import service
 from relay.core import config
 from relay.queue import db
-from relay.queue.access import NewMessage, Queue
+from relay.queue.access import Queue
+from relay.queue.rows import NewMessage
 
 CONFIG = """\
 [node]

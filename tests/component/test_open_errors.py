@@ -158,8 +158,8 @@ def test_check_config_reports_a_queue_path_serve_cannot_open(tmp_path: Path) -> 
                       '[domains."example.org"]\n')
     result = relay("check-config", "-c", str(config))
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == (f"{config}: queue.url: cannot open {tmp_path}/a-file/queue.db: "
-                             f"a file is in the way: {tmp_path}/a-file is not a directory\n")
+    assert result.stderr == (f"{config}: queue.url: cannot create {tmp_path}/a-file/queue.db: "
+                             f"{tmp_path}/a-file is not a directory\n")
     config.write_text(f'[queue]\nurl = "sqlite:///{tmp_path}/spool/queue.db"\n')
     assert relay("check-config", "-c", str(config)).returncode == 0  # serve would create it
 

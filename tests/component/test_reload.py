@@ -216,7 +216,8 @@ async def test_a_config_that_does_not_validate_is_refused_and_the_old_one_stays(
     hangup()
     await reloads.wait(2)
     assert f"reload refused: {relay.path}: domains.new.example.recipients_file: " \
-           "file not found: missing.txt" in reloads.lines
+           f"file not found: missing.txt (resolved to {relay.path.parent}/missing.txt)" \
+           in reloads.lines
 
 
 async def test_a_changed_listen_address_needs_a_restart_and_the_rest_applies(
