@@ -84,10 +84,10 @@ def type_name(annotation: Any, metadata: list[Any]) -> str:
         inner = typing.get_args(annotation)[0]
         words = type_name(inner, [])
         return "array of strings" if words == "string" else f"array of {words}"
-    words = {str: "string", int: "integer", float: "number", bool: "boolean"}
-    if annotation not in words:
+    plain_words = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if annotation not in plain_words:
         raise DocError(f"no words for the type {annotation!r}")
-    name = words[annotation]
+    name = plain_words[annotation]
     low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
     high = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
     if low is not None and high is not None:

@@ -124,9 +124,9 @@ class QueueCollector(Collector):
         for state in MessageState:
             depth.add_metric([state.value], float(counts.get(state.value, 0)))
         known = {state.value for state in MessageState}
-        for state, n in sorted(counts.items()):
-            if state not in known:  # a state this version does not know: show it anyway
-                depth.add_metric([state], float(n))
+        for name, n in sorted(counts.items()):
+            if name not in known:  # a state this version does not know: show it anyway
+                depth.add_metric([name], float(n))
         age = 0.0 if oldest is None else (self._clock.now() - oldest).total_seconds()
         oldest_age.add_metric([], max(0.0, age))
         database_up.add_metric([], 1.0)

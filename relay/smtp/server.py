@@ -143,7 +143,8 @@ class RelaySMTP(SMTP):
         self._auth_methods = {}
         self._handle_hooks = dict(shared.handle_hooks)
         self._ehlo_hook_ver = shared.ehlo_hook_version
-        self._smtp_methods = {verb: getattr(self, name) for verb, name in _smtp_verbs(type(self))}
+        verbs = _smtp_verbs(type(self))  # type: ignore[arg-type]  # classes hash by identity
+        self._smtp_methods = {verb: getattr(self, name) for verb, name in verbs}
         self._enforce_call_limit = False
 
     # -- connection lifetime ------------------------------------------------
