@@ -1,0 +1,110 @@
+"""The `known_recipients` table: learned, imported and forgotten addresses.
+
+Owns every statement on it: upserting what an attempt's replies taught (in
+the writer's transaction of that attempt: one statement for a whole group
+commit), `relay recipients import` and `forget` (one transaction each), and
+the reads of the CLI and of the accept side's in-memory copy (everything
+changed since a time, with the row count that tells a deletion happened).
+Refuses to judge: which replies teach what and when knowledge expires are
+`relay.core.recipients`'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, case, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.core.recipients import KnownRecipient, KnownState, Learned, Source, recipient_key
+from relay.queue.rows import QueueError
+from relay.queue.schema import known_recipients
+from relay.queue.sql import QueueBase, one_line
+
+_table = known_recipients.c
+
+
+class KnownRecipientsTable(QueueBase):
+    def _learn(self, conn: Connection, seen: Iterable[tuple[Learned, datetime]]) -> None:
+        """Upsert what replies taught, in the caller's transaction. A state
+        that changes restarts `learned_at`; the same state only moves
+        `last_seen_at` on."""
+        rows: dict[str, dict[str, Any]] = {}
+        for learned, at in seen:
+            key = learned.key
+            rows[key] = {  # one row per key: an upsert may touch a row once
+                "key": key, "address": learned.address, "domain": learned.domain,
+                "state": learned.state.value, "source": learned.source.value,
+                "learned_at": at, "last_seen_at": at,
+            }
+        if not rows:
+            return
+        insert = (postgresql.insert if self._postgres else sqlite.insert)(known_recipients)
+        new = insert.excluded
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[_table.key],
+                set_={
+                    "address": new.address,
+                    "state": new.state,
+                    "source": new.source,
+                    "learned_at": case((_table.state == new.state, _table.learned_at),
+                                       else_=new.learned_at),
+                    "last_seen_at": new.last_seen_at,
+                },
+            ),
+            [rows[key] for key in sorted(rows)],  # one order for every node: no deadlock
+        )
+
+    def import_recipients(self, addresses: Sequence[str], now: datetime) -> int:
+        """Make these addresses known-valid (source `import`), all or none."""
+        try:
+            with self._transaction() as conn:
+                self._learn(conn, ((Learned(a, KnownState.VALID, Source.IMPORT), now)
+                                   for a in addresses))
+        except SQLAlchemyError as exc:
+            raise QueueError(one_line(exc)) from exc
+        return len({recipient_key(a) for a in addresses})
+
+    def forget_recipients(self, addresses: Sequence[str]) -> list[str]:
+        """Forget these addresses (any spelling of each); the keys that were known."""
+        keys = sorted({recipient_key(a) for a in addresses})
+        try:
+            with self._transaction() as conn:
+                return list(conn.execute(
+                    delete(known_recipients).where(_table.key.in_(keys)).returning(_table.key)
+                ).scalars())
+        except SQLAlchemyError as exc:
+            raise QueueError(one_line(exc)) from exc
+
+    def known_recipients(self, domain: str = "", state: str = "") -> list[KnownRecipient]:
+        """Stored knowledge, by domain then address (expired rows included)."""
+        query = select(known_recipients).order_by(_table.domain, _table.key)
+        if domain:
+            query = query.where(_table.domain == domain)
+        if state:
+            query = query.where(_table.state == state)
+        with self._reading() as conn:
+            return [_known(row) for row in conn.execute(query)]
+
+    def known_changes(self, since: datetime | None) -> tuple[list[KnownRecipient], int]:
+        """Rows seen since `since` (all when None) and how many rows there are,
+        read in one transaction: a count below the reader's own tells it
+        that rows were forgotten."""
+        query = select(known_recipients)
+        if since is not None:
+            query = query.where(_table.last_seen_at >= since)
+        with self._reading() as conn, conn.begin():
+            rows = [_known(row) for row in conn.execute(query)]
+            total = conn.execute(select(func.count()).select_from(known_recipients)).scalar_one()
+        return rows, int(total)
+
+
+def _known(row: Row[Any]) -> KnownRecipient:
+    return KnownRecipient(
+        address=row.address, key=row.key, domain=row.domain, state=KnownState(row.state),
+        source=Source(row.source), learned_at=row.learned_at, last_seen_at=row.last_seen_at,
+    )
