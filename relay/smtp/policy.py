@@ -244,7 +244,7 @@ class Policy:
     ) -> None:
         """`known`: the learned recipients (without it, `verify` has no effect);
         `checked`: told each check's result (`valid`, `invalid`, `unknown`, `static`)."""
-        self._known = known or KnownRecipients()
+        self._known = known if known is not None else KnownRecipients()
         self._checked = checked or (lambda result: None)
         self._now = now
         self._domains = {

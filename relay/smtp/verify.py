@@ -55,28 +55,37 @@ class KnownRecipients:
         if count:
             log.debug("known recipients: %d taught by a delivery, %d known", count, len(self))
 
-    def apply(self, rows: Sequence[KnownRecipient], total: int, *, full: bool) -> bool:
-        """Take rows read from the queue; False when the copy no longer has as
-        many rows as the table (something was forgotten): load it whole."""
+    def apply(self, rows: Sequence[KnownRecipient], total: int, *, full: bool) -> int | None:
+        """Take rows read from the queue: how many entries changed, or None
+        when the copy no longer has as many rows as the table (something was
+        forgotten): then load it whole."""
+        before = self._known
         if full:
             self._known = {}
             self._newest = None
+        changed = 0
         for row in rows:
-            self._known[row.key] = (row.state, row.last_seen_at)
+            entry = (row.state, row.last_seen_at)
+            if before.get(row.key) != entry:
+                changed += 1
+            self._known[row.key] = entry
             if self._newest is None or row.last_seen_at > self._newest:
                 self._newest = row.last_seen_at
         self._loaded = True
-        return len(self._known) == total
+        if full:
+            changed += sum(key not in self._known for key in before)
+        return changed if len(self._known) == total else None
 
     async def refresh(self, read: Read) -> None:
         """One refresh: the changes, or everything when the counts disagree."""
         since = None if not self._loaded or self._newest is None else self._newest - OVERLAP
         rows, total = await read(since)
-        if not self.apply(rows, total, full=since is None) and since is not None:
+        changed = self.apply(rows, total, full=since is None)
+        if changed is None and since is not None:
             rows, total = await read(None)
-            self.apply(rows, total, full=True)
-        if rows:
-            log.debug("known recipients: %d read from the queue, %d known", len(rows), len(self))
+            changed = self.apply(rows, total, full=True)
+        if changed:
+            log.debug("known recipients: %d changed in the queue, %d known", changed, len(self))
 
     async def run(self, read: Read, interval: float = REFRESH_INTERVAL) -> None:
         """Refresh every `interval` seconds while some domain verifies; a
