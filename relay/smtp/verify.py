@@ -3,9 +3,11 @@
 Owns the in-memory map RCPT TO consults when a domain has `verify =
 "learned"` (so a check costs a dictionary lookup, never a database round
 trip): a full load at start, then every few seconds the rows seen since the
-last refresh (with a minute's overlap, as clocks of nodes sharing a queue
-differ) plus the row count, which tells that something was forgotten and
-the copy must be loaded whole again. What this node's own deliveries
+newest one it has (with a few seconds' overlap for transactions that commit
+late) plus the row count, which tells that rows were added that the
+incremental read missed, or forgotten: then the copy is loaded whole again,
+as it is every few minutes anyway (a node whose clock lags stamps rows
+"in the past", where an incremental read does not look). What this node's own deliveries
 taught is added at once. Refuses to judge replies or to write: rules are
 `relay.core.recipients`', storage is the queue's.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
@@ -22,7 +25,8 @@ from relay.core.recipients import KnownRecipient, KnownState, Learned, Ttl
 log = logging.getLogger("relay.smtp.verify")
 
 REFRESH_INTERVAL = 2.0  # seconds: how soon another node's (or the CLI's) change is seen
-OVERLAP = timedelta(minutes=1)  # re-read this much before the newest row we have
+OVERLAP = timedelta(seconds=5)  # re-read this much before the newest row we have
+FULL_INTERVAL = 300.0  # seconds between whole loads
 
 Read = Callable[[datetime | None], Awaitable[tuple[list[KnownRecipient], int]]]
 
@@ -34,6 +38,7 @@ class KnownRecipients:
         self._known: dict[str, tuple[KnownState, datetime]] = {}
         self._newest: datetime | None = None
         self._loaded = False
+        self._full_at: float | None = None  # monotonic time of the last whole load
         self.active = False  # some domain has verify on: worth refreshing
 
     def state(self, key: str, ttl: Ttl, now: datetime) -> KnownState | None:
@@ -76,14 +81,20 @@ class KnownRecipients:
             changed += sum(key not in self._known for key in before)
         return changed if len(self._known) == total else None
 
-    async def refresh(self, read: Read) -> None:
-        """One refresh: the changes, or everything when the counts disagree."""
-        since = None if not self._loaded or self._newest is None else self._newest - OVERLAP
+    async def refresh(self, read: Read, monotonic: float = 0.0) -> None:
+        """One refresh: the changes, or everything when the counts disagree or
+        the last whole load is `FULL_INTERVAL` old (`monotonic`: the time now)."""
+        whole = (not self._loaded or self._newest is None or self._full_at is None
+                 or monotonic - self._full_at >= FULL_INTERVAL)
+        since = None if whole or self._newest is None else self._newest - OVERLAP
         rows, total = await read(since)
         changed = self.apply(rows, total, full=since is None)
         if changed is None and since is not None:
             rows, total = await read(None)
             changed = self.apply(rows, total, full=True)
+            since = None
+        if since is None:
+            self._full_at = monotonic
         if changed:
             log.debug("known recipients: %d changed in the queue, %d known", changed, len(self))
 
@@ -93,7 +104,7 @@ class KnownRecipients:
         while True:
             if self.active:
                 try:
-                    await self.refresh(read)
+                    await self.refresh(read, time.monotonic())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a database gone for a while: keep what we know

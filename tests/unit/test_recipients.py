@@ -26,7 +26,7 @@ from relay.delivery.resolver import NoRoute
 from relay.ops.cli.recipients import ImportRefused, parse_import
 from relay.queue.rows import Claimed, PendingRecipient
 from relay.smtp.policy import Policy
-from relay.smtp.verify import KnownRecipients
+from relay.smtp.verify import FULL_INTERVAL, OVERLAP, KnownRecipients
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 DAY = 86400.0
@@ -205,14 +205,18 @@ async def test_the_copy_reads_changes_since_its_newest_row_and_reloads_when_rows
     later = T0 + timedelta(hours=1)
     table["bob@company.example"] = _row("bob@company.example", KnownState.INVALID, later)
     await known.refresh(read)
-    assert asked[1] == T0 - timedelta(minutes=1)  # incremental, with overlap
+    assert asked[1] == T0 - OVERLAP  # incremental, with overlap
     assert known.state("bob@company.example", ttl, later) is KnownState.INVALID
 
     del table["ann@company.example"]  # forgotten by `relay recipients forget`
     await known.refresh(read)
-    assert asked[2:] == [later - timedelta(minutes=1), None]  # count differs: whole again
+    assert asked[2:] == [later - OVERLAP, None]  # count differs: whole again
     assert known.state("ann@company.example", ttl, later) is None
     assert len(known) == 1
+
+    await known.refresh(read, monotonic=FULL_INTERVAL - 1)
+    await known.refresh(read, monotonic=FULL_INTERVAL)  # the last whole load is that old
+    assert asked[4:] == [later - OVERLAP, None]
 
 
 def test_what_this_node_taught_counts_at_once() -> None:
