@@ -10,14 +10,14 @@ returns an `Attempt` for the queue to record, so every rule is table-testable.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from relay.core.config import Config
 from relay.core.destination import AttemptOutcome
 from relay.core.model import DeliveryReport, Outcome, RecipientStatus, Reply
-from relay.core.recipients import Learned, learned_from
+from relay.core.recipients import Learned, Ttl, learned_from
 from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.dsn import RecipientNotice, build_dsn
 from relay.delivery.resolver import NoRoute
@@ -43,7 +43,8 @@ class Rules:
     delay_warning: float  # seconds; 0 = never warn
     new_id: Callable[[], str]
     rng: random.Random
-    learning: frozenset[str] = frozenset()  # destinations with `verify` on
+    # Destinations with `verify` on, and how long what they teach is kept.
+    learning: Mapping[str, Ttl] = field(default_factory=dict)
 
 
 def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules:
@@ -58,7 +59,8 @@ def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules
         delay_warning=config.delivery.delay_warning,
         new_id=new_queue_id,
         rng=rng or random.Random(),
-        learning=frozenset(name for name, d in config.domains.items() if d.verify != "off"),
+        learning={name: Ttl(d.verify_valid_ttl, d.verify_invalid_ttl)
+                  for name, d in config.domains.items() if d.verify != "off"},
     )
 
 

@@ -251,6 +251,10 @@ class Scheduler:
             await self._store.call(
                 self._queue.prune_log, now - timedelta(seconds=self._limits.log_retention)
             )
+            if self._rules.learning:  # what expired is dropped, not kept for ever
+                await self._store.call(self._queue.prune_known, {
+                    name: (now - timedelta(seconds=ttl.valid), now - timedelta(seconds=ttl.invalid))
+                    for name, ttl in self._rules.learning.items()})
 
     def _window(self, destination: str) -> Window:
         window = self._windows.get(destination)

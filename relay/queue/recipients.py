@@ -4,7 +4,8 @@ Owns every statement on it: upserting what an attempt's replies taught (in
 the writer's transaction of that attempt: one statement for a whole group
 commit), `relay recipients import` and `forget` (one transaction each), and
 the reads of the CLI and of the accept side's in-memory copy (everything
-changed since a time, with the row count that tells a deletion happened).
+changed since a time, with the row count that tells a deletion happened),
+and pruning what expired.
 Refuses to judge: which replies teach what and when knowledge expires are
 `relay.core.recipients`'.
 """
@@ -12,11 +13,11 @@ Refuses to judge: which replies teach what and when knowledge expires are
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, func, select
+from sqlalchemy import Connection, Row, and_, delete, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.core.recipients import KnownRecipient, KnownState, Learned, Source, recipient_key
@@ -75,6 +76,20 @@ class KnownRecipientsTable(QueueBase):
                 ).scalars())
         except SQLAlchemyError as exc:
             raise QueueError(one_line(exc)) from exc
+
+    def prune_known(self, cutoffs: Mapping[str, tuple[datetime, datetime]]) -> int:
+        """Delete what expired: per domain, (valid, invalid) rows last seen
+        before their cutoff. Rows of other domains are kept as they are."""
+        if not cutoffs:
+            return 0
+        expired = or_(*(
+            and_(_table.domain == domain,
+                 or_(and_(_table.state == KnownState.VALID.value, _table.last_seen_at < valid),
+                     and_(_table.state == KnownState.INVALID.value,
+                          _table.last_seen_at < invalid)))
+            for domain, (valid, invalid) in cutoffs.items()))
+        with self._transaction(durable=False) as conn:  # lost in a crash: pruned again
+            return conn.execute(delete(known_recipients).where(expired)).rowcount
 
     def known_recipients(self, domain: str = "", state: str = "") -> list[KnownRecipient]:
         """Stored knowledge, by domain then address (expired rows included)."""

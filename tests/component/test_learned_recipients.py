@@ -370,3 +370,17 @@ def _fields(attempt: Attempt) -> dict[str, Any]:
 
 def _with(attempt: Attempt, learned: tuple[Learned, ...], at: datetime) -> Attempt:
     return Attempt(**{**_fields(attempt), "learned": learned, "at": at})
+
+
+def test_pruning_drops_per_domain_and_state_what_expired(queue: Queue) -> None:
+    queue.import_recipients(["old@company.example", "old@other.example"], T0)
+    later = T0 + timedelta(days=2)
+    learn_at = _leased(queue, "x@company.example")
+    queue.apply([_with(learn_at, (Learned("bad@company.example", KnownState.INVALID),
+                                  Learned("new@company.example", KnownState.VALID)), later)])
+    cutoff = later - timedelta(days=1)
+    # company.example keeps valid addresses 1 day and invalid ones 3 days
+    assert queue.prune_known({DOMAIN: (cutoff, later - timedelta(days=3))}) == 1
+    assert [r.key for r in queue.known_recipients()] == [
+        "bad@company.example", "new@company.example", "old@other.example"]
+    assert queue.prune_known({}) == 0

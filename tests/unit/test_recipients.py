@@ -67,7 +67,7 @@ def test_knowledge_expires_its_states_ttl_after_last_seen() -> None:
 
 # -- what an attempt teaches ---------------------------------------------------
 
-def _rules(learning: frozenset[str]) -> Rules:
+def _rules(learning: dict[str, Ttl]) -> Rules:
     return Rules(hostname="mx.example", backoff=BackoffPolicy(300, 3600, 86400),
                  delay_warning=0, new_id=lambda: "DSN1", rng=random.Random(0),
                  learning=learning)
@@ -90,19 +90,19 @@ def test_an_attempt_of_a_verifying_domain_carries_what_its_replies_taught() -> N
         "bob@company.example": Reply(550, "5.1.1 no such user"),
         "cy@company.example": Reply(450, "4.2.1 mailbox busy"),
     }, remote_host="mx[127.0.0.1]:25")
-    decision = decide(_rules(frozenset({"company.example"})), message, "me", T0,
+    decision = decide(_rules({"company.example": Ttl(DAY, DAY)}), message, "me", T0,
                       report=report, original=b"x")
     assert decision.attempt.learned == (
         Learned("ann@company.example", KnownState.VALID),
         Learned("bob@company.example", KnownState.INVALID),
     )
-    off = decide(_rules(frozenset()), message, "me", T0, report=report, original=b"x")
+    off = decide(_rules({}), message, "me", T0, report=report, original=b"x")
     assert off.attempt.learned == ()
 
 
 def test_our_own_replies_teach_nothing() -> None:
     message = _claimed("ann@company.example")
-    learning = _rules(frozenset({"company.example"}))
+    learning = _rules({"company.example": Ttl(DAY, DAY)})
     no_route = NoRoute(permanent=True, status="5.1.2", reason="no such domain")
     assert decide(learning, message, "me", T0, report=no_route, original=b"x").attempt.learned == ()
     expired = decide(learning, message, "me", T0 + timedelta(days=2), report=None, original=b"x")
