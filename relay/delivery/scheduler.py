@@ -409,7 +409,7 @@ class Scheduler:
             # Our lease ran out and another claim took the message over: its
             # record stands, this one was refused (and logged) by the queue.
             return AttemptOutcome.RETURNED
-        if decision.attempt.learned and self._learned is not None:
+        if recorded is Recorded.STORED and decision.attempt.learned and self._learned is not None:
             self._learned(decision.attempt.learned, now)
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)

@@ -301,7 +301,8 @@ async def test_two_relays_on_one_postgresql_queue_share_what_one_learned(
             break
         await verify_log.wait(lambda seen=seen: len(verify_log.lines) > seen)  # type: ignore[misc]
     assert await rcpt(learner.port, "ann@company.example") == ["250 2.1.5 Ok"]
-    assert sink.message_count == 1
+    [message] = sink.received
+    assert message.ehlo_name == "a.example"  # the teacher delivered: b learned it from the queue
 
 
 # -- the table, on both backends ---------------------------------------------------------------
