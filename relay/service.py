@@ -21,6 +21,7 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from datetime import datetime
 
 from relay.cluster import notify
 from relay.core import config as configuration
@@ -28,6 +29,7 @@ from relay.core import maillog
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config, ConfigError
 from relay.core.oserror import ListenError, cause
+from relay.core.recipients import KnownRecipient
 from relay.delivery.outcomes import rules_from_config
 from relay.delivery.resolver import DnsResolver, Identity
 from relay.delivery.scheduler import Limits, Scheduler
@@ -41,6 +43,7 @@ from relay.queue.store import Store
 from relay.reload import Reloader
 from relay.smtp.listeners import Listeners, start_listeners, tls_context
 from relay.smtp.policy import Policy
+from relay.smtp.verify import REFRESH_INTERVAL, KnownRecipients
 
 log = logging.getLogger("relay.service")
 
@@ -90,22 +93,35 @@ def _server_tls(config: Config) -> ssl.SSLContext | None:
         raise ConfigError([problem]) from None
 
 
+def _policies(known: KnownRecipients, metrics: Metrics,
+              clock: Clock) -> Callable[[Config], Policy]:
+    """How a config becomes the accept side's policy, at start and on reload:
+    with the known recipients it consults and the metric it counts in."""
+
+    def build(config: Config) -> Policy:
+        return Policy(config, known=known, checked=metrics.recipient_checked, now=clock.now)
+
+    return build
+
+
 def _prepare_reload(
     listeners: Listeners, scheduler: Scheduler, transport: SmtpTransport,
     reloader: Reloader, log_level: str | None, poll_interval: float | None,
+    policies: Callable[[Config], Policy], known: KnownRecipients,
 ) -> Callable[[Config], Callable[[], None]]:
     """What SIGHUP changes, built in a worker thread (where a bad certificate is
     found before anything changed); the step returned swaps it in on the loop."""
 
     def prepare(new: Config) -> Callable[[], None]:
         tls = _server_tls(new)
-        policy = Policy(new)
+        policy = policies(new)
         rules = rules_from_config(new)
         resolver = _resolver(new)
 
         def commit() -> None:
             old = reloader.config
             listeners.reconfigure(new, policy, tls)
+            known.active = policy.verifies
             scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
                                   next_hops=_next_hops(new), resolver=resolver)
             transport.tls = new.delivery.tls
@@ -147,6 +163,7 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_ready: Callable[[], None] | None = None,
     poll_interval: float | None = None,
+    known_refresh: float = REFRESH_INTERVAL,
 ) -> None:
     """Run until `stop` is set (or SIGTERM/SIGINT arrive).
 
@@ -154,6 +171,7 @@ async def serve(
     environment overrides) on SIGHUP; `log_level`: `serve --log-level`, which
     a reload keeps. `poll_interval`: how often the scheduler looks for due work unasked
     (default: `Limits`'); wake-ups from other processes come at once anyway.
+    `known_refresh`: how often learned recipients are re-read from the queue.
     """
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
@@ -169,6 +187,16 @@ async def serve(
     log.info("queue database at schema revision %s", revision.current)
     store = Store(Queue(engine))
     metrics = Metrics(store.queue, clock)
+    known = KnownRecipients()
+    policies = _policies(known, metrics, clock)
+    policy = policies(config)
+    known.active = policy.verifies
+
+    async def read_known(since: datetime | None) -> tuple[list[KnownRecipient], int]:
+        return await store.read(store.queue.known_changes, since)
+
+    if known.active:  # what was learned before a restart applies from the first RCPT
+        await known.refresh(read_known)
     rules = rules_from_config(config)
     transport = SmtpTransport(
         helo_name=config.node.hostname,
@@ -185,6 +213,7 @@ async def serve(
         owner=config.node.hostname,
         next_hops=_next_hops(config),
         metrics=metrics,
+        learned=known.taught,
     )
 
     def submit(message: NewMessage) -> asyncio.Future[None]:
@@ -210,6 +239,7 @@ async def serve(
         id_factory=new_queue_id,
         clock=clock,
         on_etrn=etrn,
+        policy=policy,
         metrics=metrics,
     )
     http = None
@@ -224,13 +254,14 @@ async def serve(
     wakeups = notify.listener(engine, scheduler.wake)  # a flush by `relay queue` wakes us
     wakeups.start(asyncio.get_running_loop())
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+    known_task = asyncio.create_task(known.run(read_known, known_refresh), name="known-recipients")
     log.info(
         "mx-relay ready: smtp on %s, queue %s",
         ", ".join(str(a) for a in config.smtp.listen),
         config.queue.location,
     )
     reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
-                                    poll_interval))
+                                    poll_interval, policies, known))
     if on_ready:
         on_ready()
     try:
@@ -248,7 +279,8 @@ async def serve(
         await listeners.wait_closed()
         await scheduler.stop(SHUTDOWN_GRACE)
         scheduler_task.cancel()
-        await asyncio.gather(scheduler_task, return_exceptions=True)
+        known_task.cancel()
+        await asyncio.gather(scheduler_task, known_task, return_exceptions=True)
         await transport.close()
         wakeups.close()
         if http is not None:

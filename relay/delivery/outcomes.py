@@ -10,13 +10,14 @@ returns an `Attempt` for the queue to record, so every rule is table-testable.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from relay.core.config import Config
 from relay.core.destination import AttemptOutcome
 from relay.core.model import DeliveryReport, Outcome, RecipientStatus, Reply
+from relay.core.recipients import Learned, Ttl, learned_from
 from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.dsn import RecipientNotice, build_dsn
 from relay.delivery.resolver import NoRoute
@@ -42,6 +43,8 @@ class Rules:
     delay_warning: float  # seconds; 0 = never warn
     new_id: Callable[[], str]
     rng: random.Random
+    # Destinations with `verify` on, and how long what they teach is kept.
+    learning: Mapping[str, Ttl] = field(default_factory=dict)
 
 
 def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules:
@@ -56,6 +59,8 @@ def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules
         delay_warning=config.delivery.delay_warning,
         new_id=new_queue_id,
         rng=rng or random.Random(),
+        learning={name: Ttl(d.verify_valid_ttl, d.verify_invalid_ttl)
+                  for name, d in config.domains.items() if d.verify != "off"},
     )
 
 
@@ -162,8 +167,25 @@ def decide(
         destination=destination,
         counted=report is not None,
         delay_warned=warn,
+        learned=_learned(rules, message, report),
     )
     return Decision(attempt, tuple(results), verdict)
+
+
+def _learned(
+    rules: Rules, message: Claimed, report: DeliveryReport | NoRoute | None
+) -> tuple[Learned, ...]:
+    """What the next hop's own replies taught about its recipients; only
+    replies it gave count (never ours: no route, expiry, no reply recorded)."""
+    if not isinstance(report, DeliveryReport) or message.destination not in rules.learning:
+        return ()
+    learned = []
+    for rcpt in message.recipients:
+        reply = report.replies.get(rcpt.address)
+        state = learned_from(reply) if reply is not None else None
+        if state is not None:
+            learned.append(Learned(rcpt.address, state))
+    return tuple(learned)
 
 
 _STATUS = {

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,6 +26,7 @@ from relay.core import maillog
 from relay.core.clock import Clock
 from relay.core.destination import Action, AttemptOutcome, State, Transition, transition
 from relay.core.model import DeliveryReport, OutboundMessage, Outcome
+from relay.core.recipients import Learned
 from relay.delivery.outcomes import Decision, Rules, decide, delay_notice
 from relay.delivery.resolver import NoRoute, Resolver
 from relay.delivery.throttle import Window, pushed_back
@@ -77,8 +78,11 @@ class Scheduler:
         owner: str,
         next_hops: dict[str, str],
         metrics: Metrics | None = None,
+        learned: Callable[[Sequence[Learned], datetime], None] | None = None,
     ) -> None:
+        """`learned`: told what an attempt's replies taught, once it is stored."""
         self._store = store
+        self._learned = learned
         self._queue: Queue = store.queue
         self._resolver = resolver
         self._transport = transport
@@ -247,6 +251,10 @@ class Scheduler:
             await self._store.call(
                 self._queue.prune_log, now - timedelta(seconds=self._limits.log_retention)
             )
+            if self._rules.learning:  # what expired is dropped, not kept for ever
+                await self._store.call(self._queue.prune_known, {
+                    name: (now - timedelta(seconds=ttl.valid), now - timedelta(seconds=ttl.invalid))
+                    for name, ttl in self._rules.learning.items()})
 
     def _window(self, destination: str) -> Window:
         window = self._windows.get(destination)
@@ -401,6 +409,8 @@ class Scheduler:
             # Our lease ran out and another claim took the message over: its
             # record stands, this one was refused (and logged) by the queue.
             return AttemptOutcome.RETURNED
+        if recorded is Recorded.STORED and decision.attempt.learned and self._learned is not None:
+            self._learned(decision.attempt.learned, now)
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)
         self._count(message.destination, decision, duration)

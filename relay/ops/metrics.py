@@ -51,6 +51,8 @@ SMTP_SESSIONS = "relay_smtp_sessions_active"
 DELIVERY_ATTEMPTS = "relay_delivery_attempts_total"
 DELIVERY_DURATION = "relay_delivery_duration_seconds"
 DESTINATION_UP = "relay_destination_up"
+RECIPIENT_CHECKS = "relay_recipient_checks_total"
+RECIPIENT_CHECK_RESULTS = ("valid", "invalid", "unknown", "static")
 
 # name -> (type, label names): what /metrics exports; tests and the Grafana
 # dashboard check themselves against this table.
@@ -64,6 +66,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     DELIVERY_ATTEMPTS: ("counter", ("result",)),
     DELIVERY_DURATION: ("histogram", ()),
     DESTINATION_UP: ("gauge", ("destination",)),
+    RECIPIENT_CHECKS: ("counter", ("result",)),
 }
 
 # An SMTP delivery takes from tens of milliseconds to the connect timeout
@@ -234,6 +237,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._recipient_checks = Counter(
+            _base(RECIPIENT_CHECKS),
+            "RCPT TO checks of hosted recipients: valid, invalid or unknown (learned), or static.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._checks = {r: self._recipient_checks.labels(r) for r in RECIPIENT_CHECK_RESULTS}
         self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit)
         self.registry.register(self._destinations)
 
@@ -247,6 +257,10 @@ class Metrics:
         """A refusal; `reason` is a short fixed token (`relay_denied`, `rate_limit`...),
         never client text: every distinct value is a time series."""
         self._rejections.labels(reason).inc()
+
+    def recipient_checked(self, result: str) -> None:
+        """One RCPT TO checked against known recipients or a static list."""
+        self._checks[result].inc()
 
     def session_started(self) -> None:
         self._sessions.inc()

@@ -17,6 +17,7 @@ from ulid import ULID
 from relay.core.address import destination_key
 from relay.core.destination import AttemptOutcome
 from relay.core.model import Outcome, RecipientStatus
+from relay.core.recipients import Learned
 
 
 class QueueError(Exception):
@@ -134,6 +135,7 @@ class Attempt:
     destination: DestinationUpdate | None = None  # None: no word on the destination
     counted: bool = True  # False for an expiry or operator bounce: no attempt was made
     delay_warned: bool = False
+    learned: tuple[Learned, ...] = ()  # what the next hop's replies taught (verify = learned)
 
 
 class Recorded(enum.StrEnum):

@@ -139,6 +139,23 @@ delivery_log = Table(
     Column("remote_host", String(255), nullable=False, default=""),
 )
 
+# What next hops taught about addresses (SPEC "Knowing recipients"), shared
+# by every node on the queue. `key` is `relay.core.recipients.recipient_key`;
+# expiry is judged when read, from `last_seen_at` and the domain's TTLs of the
+# moment (so a changed TTL applies at once). `last_seen_at` is also what the
+# accept side's incremental refresh reads from, hence its index.
+known_recipients = Table(
+    "known_recipients",
+    metadata,
+    Column("key", String(998), primary_key=True),
+    Column("address", String(998), nullable=False),  # as last seen
+    Column("domain", String(255), nullable=False, index=True),
+    Column("state", String(16), nullable=False),  # recipients.KnownState
+    Column("source", String(16), nullable=False),  # recipients.Source
+    Column("learned_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=False, index=True),
+)
+
 # -- queue depth, kept by triggers ---------------------------------------------
 #
 # `queue_counts` holds how many `messages` rows there are per destination and

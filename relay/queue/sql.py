@@ -52,10 +52,15 @@ class RawInsert:
     ROWS_PER_STATEMENT = 500  # 16 columns x 500 stays under SQLite's 32,766 parameters
 
     def __init__(self, table: Table, columns: Sequence[str], engine: Engine,
-                 expressions: Mapping[str, tuple[str, int]] | None = None) -> None:
+                 expressions: Mapping[str, tuple[str, int]] | None = None,
+                 tail: str = "", exact: bool = False) -> None:
         """`expressions`: columns whose value SQL computes, as (template, number
         of parameters); a row gives that many values for the column, the last
-        of which goes through the column's bind processor."""
+        of which goes through the column's bind processor. `tail`: SQL after
+        the values (an `ON CONFLICT` clause). `exact`: bind values as Core binds
+        them in a WHERE clause (`_bind_processor`), for rows that are later
+        compared with such values."""
+        self._tail = tail
         dialect = engine.dialect
         quote = dialect.identifier_preparer.quote
         marker = placeholder(dialect)
@@ -66,7 +71,9 @@ class RawInsert:
             template, count = (expressions or {}).get(column, ("{}", 1))
             values.append(template.format(*[marker] * count))
             self._processors += [None] * (count - 1)
-            self._processors.append(table.c[column].type.bind_processor(dialect))
+            type_ = table.c[column].type
+            self._processors.append(_bind_processor(type_, dialect) if exact
+                                    else type_.bind_processor(dialect))
         self._row = f"({', '.join(values)})"
         self._statements: dict[int, str] = {}
 
@@ -84,7 +91,8 @@ class RawInsert:
     def _statement(self, rows: int) -> str:
         sql = self._statements.get(rows)
         if sql is None:
-            sql = self._statements[rows] = self._head + "VALUES " + ", ".join([self._row] * rows)
+            sql = self._statements[rows] = (self._head + "VALUES " + ", ".join([self._row] * rows)
+                                            + self._tail)
         return sql
 
 

@@ -13,7 +13,7 @@ Methods are synchronous and meant to run in the writer thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,7 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from relay.core.destination import AttemptOutcome, State
 from relay.core.model import MessageState, RecipientStatus
+from relay.core.recipients import Learned
 from relay.queue.destinations import DestinationTable
+from relay.queue.recipients import KnownRecipientsTable
 from relay.queue.rows import (
     Attempt,
     Claimed,
@@ -40,7 +42,7 @@ log = logging.getLogger("relay.queue")
 Result = Recorded | QueueError
 
 
-class Writes(DestinationTable):
+class Writes(KnownRecipientsTable, DestinationTable):
     # -- accept side -------------------------------------------------------
 
     def put_many(self, batch: Sequence[NewMessage]) -> None:
@@ -196,6 +198,7 @@ class Writes(DestinationTable):
         try:
             with self._transaction(durable) as conn:
                 results = self._apply_together(conn, ops)
+                self._learn(conn, _learned(ops, results))
             self._announce_changes()
             return results
         except SQLAlchemyError as exc:
@@ -238,6 +241,11 @@ class Writes(DestinationTable):
                     except SQLAlchemyError as exc:
                         self._forget_changes(kept)
                         results.append(QueueError(one_line(exc)))
+                try:
+                    with conn.begin_nested():
+                        self._learn(conn, _learned(ops, results))
+                except SQLAlchemyError as exc:  # knowledge is a hint: never lose a record for it
+                    log.warning("learned recipients not stored: %s", one_line(exc))
             self._announce_changes()
         except SQLAlchemyError as exc:
             raise QueueError(one_line(exc)) from exc
@@ -484,6 +492,15 @@ ON CONFLICT (destination, state, shard) DO UPDATE SET n = c.n + excluded.n"""
                 delete(queue_counts).where(queue_counts.c.shard == 0, queue_counts.c.n == 0)
             )
         return max(folded, 0)
+
+
+def _learned(ops: Sequence[NewMessage | Attempt],
+             results: Sequence[Result]) -> Iterator[tuple[Learned, datetime]]:
+    """What the recorded attempts of a batch taught (a refused one taught nothing)."""
+    for op, result in zip(ops, results, strict=True):
+        if isinstance(op, Attempt) and result is Recorded.STORED:
+            for learned in op.learned:
+                yield learned, op.at
 
 
 def _ends_message(attempt: Attempt) -> bool:

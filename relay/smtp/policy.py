@@ -8,6 +8,12 @@ refused as relay attempts exactly like a foreign domain (Postfix with
 `allow_untrusted_routing = no`). Also owns splitting an SMTP path from its
 parameters, and re-reading a recipients file when it changes.
 
+With `verify = "learned"` and no list, the domain's known recipients decide
+(`verify.KnownRecipients`, an in-memory copy: no I/O at RCPT): known-invalid
+gets `550 5.1.1`, known-valid is accepted, an unknown address follows
+`unknown_recipient` (accepted, or `450 4.1.1`). Each such check, and each
+decision of a list, is counted for `relay_recipient_checks_total`.
+
 Parsing domains and addresses is `relay.core.address`'s; matching is on the
 A-label form, so either spelling of a hosted domain is the same domain.
 Refuses I/O beyond an occasional `os.stat` and reading a changed recipients
@@ -23,10 +29,13 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from relay.core.address import AddressError, destination_key, host_key, parse_address
 from relay.core.config import Config, DomainConfig
 from relay.core.model import Reply
+from relay.core.recipients import KnownState, Ttl
+from relay.smtp.verify import KnownRecipients
 
 log = logging.getLogger("relay.smtp.policy")
 
@@ -122,6 +131,10 @@ def user_unknown(path: str) -> Reply:
     return Reply(550, f"5.1.1 <{path}>: Recipient address rejected: User unknown")
 
 
+def unverified(path: str) -> Reply:
+    return Reply(450, f"4.1.1 <{path}>: Recipient address rejected: unverified address")
+
+
 def lookup_failure(path: str) -> Reply:
     return Reply(451, f"4.3.0 <{path}>: Temporary lookup failure")
 
@@ -198,15 +211,25 @@ def _describe(exc: BaseException) -> str:
     return "not UTF-8 text"
 
 
+_NO_TTL = Ttl(0.0, 0.0)
+
+
 @dataclass(frozen=True, slots=True)
 class _Domain:
     name: str
     entries: frozenset[str]  # local parts, full addresses, or "@domain" for everyone
     file: RecipientFile | None
+    learned: bool = False  # verify = "learned" (decides only without a list)
+    tempfail: bool = False  # unknown_recipient = "tempfail"
+    ttl: Ttl = _NO_TTL
 
     @property
     def accepts_anyone(self) -> bool:
         return self.file is None and not self.entries
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Policy:
@@ -215,7 +238,15 @@ class Policy:
     def __init__(
         self, config: Config, *, recheck_interval: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
+        known: KnownRecipients | None = None,
+        checked: Callable[[str], None] | None = None,
+        now: Callable[[], datetime] = _utc_now,
     ) -> None:
+        """`known`: the learned recipients (without it, `verify` has no effect);
+        `checked`: told each check's result (`valid`, `invalid`, `unknown`, `static`)."""
+        self._known = known if known is not None else KnownRecipients()
+        self._checked = checked or (lambda result: None)
+        self._now = now
         self._domains = {
             name: self._domain(name, domain, recheck_interval, monotonic)
             for name, domain in config.domains.items()
@@ -229,7 +260,16 @@ class Policy:
             RecipientFile(domain.recipients_file, recheck_interval=interval, monotonic=monotonic)
             if domain.recipients_file else None
         )
-        return _Domain(name, frozenset(entry_key(e) for e in domain.recipients), file)
+        return _Domain(
+            name, frozenset(entry_key(e) for e in domain.recipients), file,
+            learned=domain.verify == "learned", tempfail=domain.unknown_recipient == "tempfail",
+            ttl=Ttl(domain.verify_valid_ttl, domain.verify_invalid_ttl),
+        )
+
+    @property
+    def verifies(self) -> bool:
+        """Some domain has `verify` on (the known recipients are worth keeping fresh)."""
+        return any(d.learned for d in self._domains.values())
 
     def hosted(self, domain: str) -> str | None:
         """The configured name of `domain` if we relay for it, else None."""
@@ -252,9 +292,10 @@ class Policy:
             return bad_recipient_syntax(path)
         rules = self._domains[key]
         if rules.accepts_anyone:
-            return None
+            return self._learned(rules, path, f"{local.lower()}@{key}") if rules.learned else None
         wanted = local.lower()
         full = f"{wanted}@{key}"
+        self._checked("static")
         if wanted in rules.entries or full in rules.entries or f"@{key}" in rules.entries:
             return None
         if rules.file is not None:
@@ -265,3 +306,15 @@ class Policy:
             if wanted in entries or full in entries or f"@{key}" in entries:
                 return None
         return user_unknown(path)
+
+    def _learned(self, rules: _Domain, path: str, key: str) -> Reply | None:
+        """What the next hop taught about `key` decides."""
+        state = self._known.state(key, rules.ttl, self._now())
+        if state is KnownState.INVALID:
+            self._checked("invalid")
+            return user_unknown(path)
+        if state is KnownState.VALID:
+            self._checked("valid")
+            return None
+        self._checked("unknown")
+        return unverified(path) if rules.tempfail else None

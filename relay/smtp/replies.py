@@ -64,7 +64,7 @@ DATA_PROBLEMS = {
     TOO_MANY_HOPS: "hops",
 }
 POLICY_REASONS = {554: "relay_denied", 550: "unknown_recipient", 451: "lookup_failure",
-                  501: "recipient_syntax"}
+                  501: "recipient_syntax", 450: "unverified_recipient"}
 
 # Each "Received:" line of the header section; the search starts at the LF
 # that ends our own Received header, so a literal "\n" leads the pattern.
