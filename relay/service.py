@@ -22,6 +22,8 @@ import signal
 import ssl
 from collections.abc import Callable
 
+from sqlalchemy import Engine
+
 from relay.cluster import notify
 from relay.cluster.nodes import Heartbeat, this_node
 from relay.core import config as configuration
@@ -136,6 +138,14 @@ class _Peers:
         self.resolver.see_peers(hostnames, addresses)
 
 
+def _destination_back(engine: Engine, name: str) -> None:
+    """Our probe found `name` answering and unparked its mail: wake every node
+    sharing the queue, so all of them drain it now (SQLite has one node)."""
+    log.info("destination %s answers again: its mail is due on every node", name)
+    if engine.dialect.name != "sqlite":
+        asyncio.get_running_loop().run_in_executor(None, notify.notify, engine)
+
+
 def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """The first SIGTERM or SIGINT stops gracefully; another one while that
     goes on (a second Ctrl-C, a hung database) stops at once, as kill -9
@@ -212,6 +222,7 @@ async def serve(
         owner=node.id,
         next_hops=_next_hops(config),
         metrics=metrics,
+        on_destination_back=functools.partial(_destination_back, engine),
     )
 
     def submit(message: NewMessage) -> asyncio.Future[None]:

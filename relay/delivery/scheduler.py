@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -77,8 +77,13 @@ class Scheduler:
         owner: str,
         next_hops: dict[str, str],
         metrics: Metrics | None = None,
+        on_destination_back: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_destination_back(name)`: a probe of ours found a down destination
+        answering and its parked mail is due again (service.py tells the other
+        nodes sharing the queue, so they claim it now rather than at their poll)."""
         self._store = store
+        self._on_destination_back = on_destination_back
         self._queue: Queue = store.queue
         self._resolver = resolver
         self._transport = transport
@@ -401,6 +406,9 @@ class Scheduler:
             # Our lease ran out and another claim took the message over: its
             # record stands, this one was refused (and logged) by the queue.
             return AttemptOutcome.RETURNED
+        if (message.probe and self._on_destination_back is not None
+                and transition(State.PROBING, decision.outcome).action is Action.UNPARK):
+            self._on_destination_back(message.destination)
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)
         self._count(message.destination, decision, duration)

@@ -94,6 +94,7 @@ class Claimed:
     next_attempt_at: datetime | None = None  # as it was before the claim (None: parked)
     last_error: str = ""
     taken_over: bool = False  # from a node that stopped renewing its lease
+    probe: bool = False  # its destination is down: this attempt probes it for the cluster
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,6 +164,12 @@ class Writes(DestinationTable, NodeTable):
                 .values(state=MessageState.ACTIVE.value, lease_owner=owner, lease_expires_at=until)
                 .returning(*messages.c)
             ).all()
+            down = set(conn.execute(
+                select(destinations.c.name).where(
+                    destinations.c.name.in_({m.destination for m in rows}),
+                    destinations.c.up.is_(False),
+                )
+            ).scalars())
             rcpts: dict[str, list[PendingRecipient]] = {}
             for r in conn.execute(
                 select(recipients)
@@ -191,6 +197,7 @@ class Writes(DestinationTable, NodeTable):
                 next_attempt_at=before.get(m.id),
                 last_error=m.last_error,
                 taken_over=m.id in taken,
+                probe=m.destination in down,
             )
             for m in rows
         ]

@@ -142,3 +142,43 @@ def test_state_of_taken_over_message_is_active_for_its_new_owner(queue: Queue) -
     queue.claim_due("n2", at(LEASE + 1), limit=1, lease=LEASE)
     [v] = queue.list()
     assert (v.state, v.node) == (MessageState.ACTIVE.value, "n2")
+
+
+def test_one_probe_per_backoff_step_for_all_nodes(queue: Queue) -> None:
+    """Eight nodes (engines of their own) start probes at the same instant: the
+    down destination's probe is started once, one parked message made due."""
+    import threading
+
+    from sqlalchemy import insert, select, update
+
+    from relay.queue import db
+    from relay.queue.schema import destinations, messages
+
+    put(queue, "01", "02", "03")
+    with queue.engine.begin() as conn:
+        conn.execute(insert(destinations).values(
+            name="verrotech.com", up=False, failures=1, retry_at=at(0), last_error="down",
+            updated_at=at(-60)))
+        conn.execute(update(messages).values(next_attempt_at=None))
+    url = queue.engine.url.render_as_string(hide_password=False)
+    nodes = [Queue(db.connect(url)) for _ in range(8)]
+    start = threading.Barrier(len(nodes))
+    started: list[list[str]] = [[] for _ in nodes]
+
+    def probe(i: int) -> None:
+        start.wait()
+        started[i] = nodes[i].start_probes(at(1), at(-3600))
+
+    threads = [threading.Thread(target=probe, args=(i,)) for i in range(len(nodes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for other in nodes:
+        other.engine.dispose()
+    assert sorted(name for names in started for name in names) == ["verrotech.com"]
+    with queue.engine.connect() as conn:
+        due = conn.execute(select(messages.c.id).where(messages.c.next_attempt_at.is_not(None)))
+        assert len(due.all()) == 1
+    [probe_claim] = queue.claim_due("n1", at(1), limit=10, lease=LEASE)
+    assert probe_claim.probe

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import click
 
+from relay.ops.cli import queue_select
 from relay.ops.cli.common import config_option
 from relay.ops.cli.queue_select import guarded, open_queue
 from relay.ops.cli.queue_views import echo_json, iso
@@ -24,10 +25,8 @@ from relay.ops.cli.queue_views import echo_json, iso
 @click.pass_context
 def nodes_command(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     """Every relay serve seen on this queue in the last log_retention (`up` within one lease)."""
-    from relay.core.clock import SystemClock
-
     cfg, queue = open_queue(ctx, config_path)
-    now = SystemClock().now()
+    now = queue_select.clock.now()
     with guarded():
         seen = queue.nodes(now - timedelta(seconds=cfg.queue.log_retention))
     if as_json:
