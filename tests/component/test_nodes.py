@@ -182,3 +182,18 @@ def test_one_probe_per_backoff_step_for_all_nodes(queue: Queue) -> None:
         assert len(due.all()) == 1
     [probe_claim] = queue.claim_due("n1", at(1), limit=10, lease=LEASE)
     assert probe_claim.probe
+
+
+def test_relay_nodes_up_is_read_from_the_database_at_each_scrape(queue: Queue) -> None:
+    from prometheus_client import generate_latest
+
+    from relay.core.clock import FakeClock
+    from relay.ops.metrics import Metrics
+
+    clock = FakeClock(at(1))
+    metrics = Metrics(queue, clock, nodes=queue)
+    beat(queue, node("n1"), 0)
+    beat(queue, node("n2"), 0)
+    assert b"relay_nodes_up 2.0" in generate_latest(metrics.registry)
+    clock.set(at(LEASE + 1))  # neither beat again within the lease
+    assert b"relay_nodes_up 0.0" in generate_latest(metrics.registry)
