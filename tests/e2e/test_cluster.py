@@ -3,7 +3,8 @@
 Three real relays share a fresh database of the session's private PostgreSQL:
 node 1 is mail.verrotech.net (MX 20 of the reference zone), nodes 2 and 3
 are hosts of their own that no MX names. All three start at the same
-instant on the empty database (migrations serialised). Mail is accepted by
+instant on the empty database, or on one at an older revision (migrations
+serialised). Mail is accepted by
 every node while the primary (MX 10) is down; then the primary comes back.
 Loop avoidance counts the other nodes as this one, so nodes 2 and 3 never
 hand mail to node 1 (MX 20) or to Norwich (MX 30).
@@ -152,3 +153,31 @@ def test_a_node_killed_mid_drain_loses_nothing_and_is_taken_over_within_the_leas
     assert duplicates <= len(in_flight)
     print(f"killed node held {len(in_flight)} deliveries; {duplicates} delivered twice; "
           f"all delivered {taken_over_in:.1f} s after the kill")
+
+
+def test_nodes_started_together_on_an_older_database_migrate_it_once(
+    deployment: Deployment, postgres_db_url: str, tmp_path: Path,
+) -> None:
+    import relay.migrations
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    from relay.queue import db
+
+    engine = db.connect(postgres_db_url)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(relay.migrations.__file__).parent))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    engine.dispose()
+    cluster = Cluster(deployment, postgres_db_url, tmp_path)
+    try:
+        cluster.start()  # all three at the same instant: none may fail
+        current = cluster.relays[2].cli("db", "current")
+        assert current.returncode == 0 and current.stdout.endswith("(head)\n"), current
+        assert len(cluster.nodes()) == len(HOSTS)
+        assert sum(r.count("migration failed") for r in cluster.relays) == 0
+    finally:
+        for relay in cluster.relays:
+            relay.stop_quietly()
