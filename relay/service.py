@@ -23,7 +23,10 @@ import ssl
 from collections.abc import Callable
 from datetime import datetime
 
+from sqlalchemy import Engine
+
 from relay.cluster import notify
+from relay.cluster.nodes import Heartbeat, this_node
 from relay.core import config as configuration
 from relay.core import maillog
 from relay.core.clock import Clock, SystemClock
@@ -62,6 +65,7 @@ def _limits(config: Config, poll_interval: float | None) -> Limits:
     limits = Limits(
         concurrency=config.delivery.concurrency,
         per_destination=config.delivery.per_destination_concurrency,
+        lease=config.queue.lease,
         log_retention=config.queue.log_retention,
     )
     if poll_interval is not None:
@@ -108,6 +112,7 @@ def _prepare_reload(
     listeners: Listeners, scheduler: Scheduler, transport: SmtpTransport,
     reloader: Reloader, log_level: str | None, poll_interval: float | None,
     policies: Callable[[Config], Policy], known: KnownRecipients,
+    heartbeat: Heartbeat, peers: _Peers,
 ) -> Callable[[Config], Callable[[], None]]:
     """What SIGHUP changes, built in a worker thread (where a bad certificate is
     found before anything changed); the step returned swaps it in on the loop."""
@@ -117,6 +122,7 @@ def _prepare_reload(
         policy = policies(new)
         rules = rules_from_config(new)
         resolver = _resolver(new)
+        resolver.see_peers(*peers.seen)
 
         def commit() -> None:
             old = reloader.config
@@ -124,6 +130,8 @@ def _prepare_reload(
             known.active = policy.verifies
             scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
                                   next_hops=_next_hops(new), resolver=resolver)
+            peers.resolver = resolver
+            heartbeat.lease, heartbeat.retention = new.queue.lease, new.queue.log_retention
             transport.tls = new.delivery.tls
             transport.connect_timeout = new.delivery.connect_timeout
             if new.log != old.log:  # `serve --log-level` wins over the file, as at start
@@ -132,6 +140,26 @@ def _prepare_reload(
         return commit
 
     return prepare
+
+
+class _Peers:
+    """The nodes our heartbeat last heard of, for whichever resolver is current."""
+
+    def __init__(self, resolver: DnsResolver) -> None:
+        self.resolver = resolver
+        self.seen: tuple[set[str], set[str]] = (set(), set())
+
+    def __call__(self, hostnames: set[str], addresses: set[str]) -> None:
+        self.seen = (hostnames, addresses)
+        self.resolver.see_peers(hostnames, addresses)
+
+
+def _destination_back(engine: Engine, name: str) -> None:
+    """Our probe found `name` answering and unparked its mail: wake every node
+    sharing the queue, so all of them drain it now (SQLite has one node)."""
+    log.info("destination %s answers again: its mail is due on every node", name)
+    if engine.dialect.name != "sqlite":
+        asyncio.get_running_loop().run_in_executor(None, notify.notify, engine)
 
 
 def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -186,7 +214,7 @@ async def serve(
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
     store = Store(Queue(engine))
-    metrics = Metrics(store.queue, clock)
+    metrics = Metrics(store.queue, clock, nodes=store.queue)
     known = KnownRecipients()
     policies = _policies(known, metrics, clock)
     policy = policies(config)
@@ -203,17 +231,27 @@ async def serve(
         tls=config.delivery.tls,
         connect_timeout=config.delivery.connect_timeout,
     )
+    node = this_node(config.node.hostname, tuple(sorted(identity(config).addresses)),
+                     clock.now())
+    resolver = _resolver(config)
+    peers = _Peers(resolver)
+    heartbeat = Heartbeat(store, clock, node, lease=config.queue.lease,
+                          retention=config.queue.log_retention, on_peers=peers)
+    returned = await heartbeat.start()
+    if returned:
+        log.info("returned %d deliveries of an earlier run of this node to the queue", returned)
     scheduler = Scheduler(
         store=store,
-        resolver=_resolver(config),
+        resolver=resolver,
         transport=transport,
         rules=rules,
         limits=_limits(config, poll_interval),
         clock=clock,
-        owner=config.node.hostname,
+        owner=node.id,
         next_hops=_next_hops(config),
         metrics=metrics,
         learned=known.taught,
+        on_destination_back=functools.partial(_destination_back, engine),
     )
 
     def submit(message: NewMessage) -> asyncio.Future[None]:
@@ -255,13 +293,14 @@ async def serve(
     wakeups.start(asyncio.get_running_loop())
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     known_task = asyncio.create_task(known.run(read_known, known_refresh), name="known-recipients")
+    heartbeat_task = asyncio.create_task(heartbeat.run(), name="heartbeat")
     log.info(
-        "mx-relay ready: smtp on %s, queue %s",
+        "mx-relay ready: smtp on %s, queue %s, node %s",
         ", ".join(str(a) for a in config.smtp.listen),
-        config.queue.location,
+        config.queue.location, node.id,
     )
     reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
-                                    poll_interval, policies, known))
+                                    poll_interval, policies, known, heartbeat, peers))
     if on_ready:
         on_ready()
     try:
@@ -281,6 +320,8 @@ async def serve(
         scheduler_task.cancel()
         known_task.cancel()
         await asyncio.gather(scheduler_task, known_task, return_exceptions=True)
+        await heartbeat.stop()
+        await asyncio.gather(heartbeat_task, return_exceptions=True)
         await transport.close()
         wakeups.close()
         if http is not None:

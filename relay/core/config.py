@@ -254,6 +254,10 @@ class QueueConfig(_Section):
     `$RELAY_QUEUE_URL` overrides it."""
     log_retention: Duration = 7 * 86400.0
     """How long per-recipient outcomes stay in the delivery log after a message leaves the queue."""
+    lease: Duration = Field(120.0, gt=0)
+    """How long a delivery stays this node's without its heartbeat: a node renews its leases every
+    third of it; when one dies, another takes its deliveries over once this has passed. The
+    `relay nodes` heartbeat and `relay_nodes_up` count a node up for this long after it was seen."""
 
     @field_validator("url")
     @classmethod

@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -147,6 +147,11 @@ def _ip(text: str) -> str | None:
         return None
 
 
+def _ips(texts: Iterable[str]) -> frozenset[str]:
+    """The IP literals among `texts`, normalised."""
+    return frozenset(a for a in map(_ip, texts) if a is not None)
+
+
 # ------------------------------------------------------------------- lookups
 
 _Kind = Literal["ok", "nxdomain", "nodata", "temporary"]
@@ -185,12 +190,18 @@ class DnsResolver:
         self._timeout = timeout
         self._port = port
         self._rng = rng if rng is not None else random.Random()
-        self._my_addresses = frozenset(
-            a for a in (_ip(address) for address in identity.addresses) if a is not None
-        )
-        self._my_name = _absolute(identity.hostname)
+        self._own_addresses = _ips(identity.addresses)
+        self._own_name = _absolute(identity.hostname)
+        self._my_addresses = self._own_addresses
+        self._my_names = frozenset({self._own_name})
         self._dns_error = ""
         self._dns: dns.asyncresolver.Resolver | None = self._make_resolver()
+
+    def see_peers(self, hostnames: Iterable[str], addresses: Iterable[str]) -> None:
+        """The nodes sharing our queue count as us for loop avoidance, so nodes of
+        one cluster never relay to one another (refreshed with the heartbeat)."""
+        self._my_names = frozenset({self._own_name, *(_absolute(h) for h in hostnames)})
+        self._my_addresses = self._own_addresses | _ips(addresses)
 
     def _make_resolver(self) -> dns.asyncresolver.Resolver | None:
         try:
@@ -265,7 +276,7 @@ class DnsResolver:
 
         # Loop avoidance, part one: our own name marks our preference.
         mine = min(
-            (pref for pref, host in ordered if host == self._my_name),
+            (pref for pref, host in ordered if host in self._my_names),
             default=None,
         )
         candidates = [(p, h) for p, h in ordered if mine is None or p < mine]
@@ -286,7 +297,7 @@ class DnsResolver:
         """No MX records: the domain itself, at preference 0 (RFC 5321 5.1)."""
         found = await self._addresses(name)
         if found.addresses:
-            if name == self._my_name or self._my_addresses.intersection(found.addresses):
+            if name in self._my_names or self._my_addresses.intersection(found.addresses):
                 return NoRoute(False, f"mail for {display} loops back to myself", "4.4.6")
             return Route(tuple(Hop(display, a, self._port, 0) for a in found.addresses))
         if found.temporary:

@@ -79,10 +79,15 @@ class Scheduler:
         next_hops: dict[str, str],
         metrics: Metrics | None = None,
         learned: Callable[[Sequence[Learned], datetime], None] | None = None,
+        on_destination_back: Callable[[str], None] | None = None,
     ) -> None:
-        """`learned`: told what an attempt's replies taught, once it is stored."""
+        """`learned`: told what an attempt's replies taught, once it is stored.
+        `on_destination_back(name)`: a probe of ours found a down destination
+        answering and its parked mail is due again (service.py tells the other
+        nodes sharing the queue, so they claim it now rather than at their poll)."""
         self._store = store
         self._learned = learned
+        self._on_destination_back = on_destination_back
         self._queue: Queue = store.queue
         self._resolver = resolver
         self._transport = transport
@@ -411,6 +416,9 @@ class Scheduler:
             return AttemptOutcome.RETURNED
         if recorded is Recorded.STORED and decision.attempt.learned and self._learned is not None:
             self._learned(decision.attempt.learned, now)
+        if (message.probe and self._on_destination_back is not None
+                and transition(State.PROBING, decision.outcome).action is Action.UNPARK):
+            self._on_destination_back(message.destination)
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)
         self._count(message.destination, decision, duration)

@@ -53,6 +53,7 @@ DELIVERY_DURATION = "relay_delivery_duration_seconds"
 DESTINATION_UP = "relay_destination_up"
 RECIPIENT_CHECKS = "relay_recipient_checks_total"
 RECIPIENT_CHECK_RESULTS = ("valid", "invalid", "unknown", "static")
+NODES_UP = "relay_nodes_up"
 
 # name -> (type, label names): what /metrics exports; tests and the Grafana
 # dashboard check themselves against this table.
@@ -67,6 +68,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     DELIVERY_DURATION: ("histogram", ()),
     DESTINATION_UP: ("gauge", ("destination",)),
     RECIPIENT_CHECKS: ("counter", ("result",)),
+    NODES_UP: ("gauge", ()),
 }
 
 # An SMTP delivery takes from tens of milliseconds to the connect timeout
@@ -80,6 +82,12 @@ class QueueCounts(Protocol):
     def counts(self) -> dict[str, int]: ...
 
     def oldest_received_at(self) -> datetime | None: ...
+
+
+class NodeCounts(Protocol):
+    """What the nodes collector needs of the queue (a blocking call)."""
+
+    def nodes_up(self, now: datetime) -> int: ...
 
 
 def _base(name: str) -> str:
@@ -136,6 +144,34 @@ class QueueCollector(Collector):
         yield depth
         yield oldest_age
         yield database_up
+
+
+class NodesCollector(Collector):
+    """`relay_nodes_up`: the nodes sharing this queue whose heartbeat holds,
+    read from the database on every scrape (the same figure on every node).
+    A database that does not answer drops it from that scrape."""
+
+    def __init__(self, nodes: NodeCounts, clock: Clock) -> None:
+        self._nodes = nodes
+        self._clock = clock
+
+    def describe(self) -> Iterable[Metric]:  # keeps registration off the database
+        return [self._family()]
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            NODES_UP, "Nodes (relay serve processes) sharing this queue, seen within one lease."
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        try:
+            up = self._nodes.nodes_up(self._clock.now())
+        except Exception as exc:  # the queue collector says it too, with database_up
+            log.debug("metrics: nodes unreadable: %s", exc)
+            return
+        family.add_metric([], float(up))
+        yield family
 
 
 class DestinationCollector(Collector):
@@ -204,11 +240,14 @@ class Metrics:
         *,
         destination_ttl: float = 24 * 3600,
         destination_limit: int = 10_000,
+        nodes: NodeCounts | None = None,
     ) -> None:
         self.clock = clock or SystemClock()
         self.registry = CollectorRegistry()
         if queue is not None:
             self.registry.register(QueueCollector(queue, self.clock))
+        if nodes is not None:
+            self.registry.register(NodesCollector(nodes, self.clock))
         self._accepted = Counter(
             _base(SMTP_ACCEPTED),
             "Messages answered 250 at end of DATA (stored durably).",

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# pg_advisory_xact_lock key held while migrating ("relaymig"): one node migrates,
+# the others wait and then find the schema at head.
+MIGRATION_LOCK = 0x72656C61796D6967
 
 
 class DatabaseError(Exception):
@@ -286,23 +289,38 @@ def revision(engine: Engine) -> Revision:
 
 
 def upgrade(engine: Engine) -> Revision:
-    """Migrate to head; refuse a database at a revision we do not know."""
+    """Migrate to head; refuse a database at a revision we do not know.
+
+    Serialised across processes, so any number of nodes may start at once on
+    an empty or old database: PostgreSQL takes a transaction-scoped advisory
+    lock first, SQLite's write lock is taken at BEGIN (IMMEDIATE, see
+    `connect`). Alembic reads the revision inside that transaction, so a
+    process that waited finds the work done and migrates nothing.
+    """
     before = revision(engine)
-    if before.current is not None and not is_known(before.current):
-        raise DatabaseError(
-            f"database {location(engine.url)} is at unknown revision {before.current} "
-            "(newer than this relay?)"
-        )
+    _refuse_unknown(engine, before.current)
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     cfg = _alembic_config()
     try:
         with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            _refuse_unknown(engine, MigrationContext.configure(conn).get_current_revision())
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:
         raise _failure("migration failed", engine, exc) from None
     return revision(engine)
+
+
+def _refuse_unknown(engine: Engine, current: str | None) -> None:
+    if current is not None and not is_known(current):
+        raise DatabaseError(
+            f"database {location(engine.url)} is at unknown revision {current} "
+            "(newer than this relay?)"
+        )
 
 
 def ensure_ready(engine: Engine) -> Revision:

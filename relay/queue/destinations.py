@@ -158,27 +158,27 @@ class DestinationTable(QueueBase):
         """Make one parked message due for each down destination whose retry time came.
 
         The destination's retry time is cleared while its probe runs (it is
-        PROBING), so it is probed once; a probe lost to a crash is retried
-        after `stale_before`.
+        PROBING), so it is probed once, by one node of all that share the
+        queue; a probe lost to a crash is retried after `stale_before`.
         """
         probed = []
+        query = select(destinations.c.name).where(
+            destinations.c.up.is_(False),
+            or_(
+                destinations.c.retry_at <= now,
+                and_(
+                    destinations.c.retry_at.is_(None),
+                    destinations.c.updated_at <= stale_before,
+                ),
+            ),
+        )
+        if self._postgres:
+            # Nodes sharing the queue: the one that locks a destination's row
+            # starts its probe; the others skip it and, once that commits, no
+            # longer find it due. SQLite's BEGIN IMMEDIATE serialises this anyway.
+            query = query.with_for_update(skip_locked=True)
         with self.engine.begin() as conn:
-            due = (
-                conn.execute(
-                    select(destinations.c.name).where(
-                        destinations.c.up.is_(False),
-                        or_(
-                            destinations.c.retry_at <= now,
-                            and_(
-                                destinations.c.retry_at.is_(None),
-                                destinations.c.updated_at <= stale_before,
-                            ),
-                        ),
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            due = conn.execute(query).scalars().all()
             for name in due:
                 probe = conn.execute(
                     select(messages.c.id)

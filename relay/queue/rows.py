@@ -75,7 +75,8 @@ class Claimed:
     """A message leased to one scheduler for one attempt.
 
     The lease is `(owner, lease_until)`: an attempt is recorded only while
-    the message still carries this very lease (see `Attempt`).
+    the message still carries this very lease (see `Attempt`). A node's
+    heartbeat keeps its leases past `lease_until` (`nodes.lapsed`).
     """
 
     id: str
@@ -93,6 +94,8 @@ class Claimed:
     lease_until: datetime
     next_attempt_at: datetime | None = None  # as it was before the claim (None: parked)
     last_error: str = ""
+    taken_over: bool = False  # from a node that stopped renewing its lease
+    probe: bool = False  # its destination is down: this attempt probes it for the cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,7 @@ class MessageView:
     destination: str
     client_address: str
     recipients: tuple[RecipientView, ...] = field(default_factory=tuple)
+    node: str | None = None  # the node (lease owner) delivering it now, if active
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,6 +156,23 @@ known_recipients = Table(
     Column("last_seen_at", UtcDateTime, nullable=False, index=True),
 )
 
+
+# Every `relay serve` that shares this queue, by its lease owner string: the
+# heartbeat keeps `last_seen_at` and `alive_until` (last_seen_at + queue.lease)
+# fresh; leases of a node alive until later are not taken over. `addresses`:
+# its listen IPs and node.addresses, space separated (loop avoidance).
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("last_seen_at", UtcDateTime, nullable=False, index=True),
+    Column("alive_until", UtcDateTime, nullable=False),
+    Column("addresses", Text, nullable=False, default=""),
+)
+
 # -- queue depth, kept by triggers ---------------------------------------------
 #
 # `queue_counts` holds how many `messages` rows there are per destination and

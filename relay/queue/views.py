@@ -88,6 +88,7 @@ class Views(QueueBase):
                 destination=m.destination,
                 client_address=m.client_address,
                 recipients=tuple(rcpts.get(m.id, ())),
+                node=m.lease_owner if m.state == MessageState.ACTIVE.value else None,
             )
             for m in rows
         ]

@@ -24,6 +24,7 @@ from relay.core.destination import AttemptOutcome, State
 from relay.core.model import MessageState, RecipientStatus
 from relay.core.recipients import Learned
 from relay.queue.destinations import DestinationTable
+from relay.queue.nodes import NodeTable, lapsed
 from relay.queue.recipients import KnownRecipientsTable
 from relay.queue.rows import (
     Attempt,
@@ -42,7 +43,7 @@ log = logging.getLogger("relay.queue")
 Result = Recorded | QueueError
 
 
-class Writes(KnownRecipientsTable, DestinationTable):
+class Writes(KnownRecipientsTable, DestinationTable, NodeTable):
     # -- accept side -------------------------------------------------------
 
     def put_many(self, batch: Sequence[NewMessage]) -> None:
@@ -63,7 +64,13 @@ class Writes(KnownRecipientsTable, DestinationTable):
         lease: float,
         exclude_destinations: Iterable[str] = (),
     ) -> list[Claimed]:
-        """Lease up to `limit` due messages, oldest due first; atomic across processes."""
+        """Lease up to `limit` due messages, oldest due first; atomic across processes.
+
+        Messages another node leased and stopped renewing (it died: its lease
+        ran out and its heartbeat stopped) are taken over first, while
+        running, not only when a scheduler starts; that node's late records
+        are then refused as stale.
+        """
         where = [
             messages.c.state == MessageState.DEFERRED.value,
             messages.c.next_attempt_at <= now,
@@ -77,7 +84,12 @@ class Writes(KnownRecipientsTable, DestinationTable):
             .order_by(messages.c.next_attempt_at, messages.c.id)
             .limit(limit)
         )
-        return self._claim(query, owner, now, lease)
+        orphans = select(messages.c.id).where(lapsed(now)).order_by(messages.c.id).limit(limit)
+        claimed = self._claim(query, owner, now, lease, orphans=orphans)
+        taken = sum(1 for c in claimed if c.taken_over)
+        if taken:
+            log.warning("took over %d deliveries whose node stopped renewing its lease", taken)
+        return claimed
 
     def claim_expired(
         self, owner: str, now: datetime, cutoff: datetime, limit: int, lease: float
@@ -129,22 +141,37 @@ class Writes(KnownRecipientsTable, DestinationTable):
         now: datetime,
         lease: float,
         from_states: tuple[str, ...] = (MessageState.DEFERRED.value,),
+        orphans: Select[tuple[str]] | None = None,
     ) -> list[Claimed]:
+        """Lease what `query` finds in `from_states`, after what `orphans` finds
+        (lapsed leases of other nodes, see `nodes.lapsed`), in one transaction."""
         if self._postgres:
             query = query.with_for_update(skip_locked=True)
+            if orphans is not None:
+                orphans = orphans.with_for_update(skip_locked=True)
         until = now + timedelta(seconds=lease)
         with self._transaction(durable=False) as conn:  # a lost lease is recovered
-            found = conn.execute(query.add_columns(messages.c.next_attempt_at)).all()
+            found = [] if orphans is None else list(conn.execute(
+                orphans.add_columns(messages.c.next_attempt_at)).all())
+            taken = {row.id for row in found}
+            found += conn.execute(query.add_columns(messages.c.next_attempt_at)).all()
             if not found:
                 return []
             ids = [row.id for row in found]
             before = {row.id: row.next_attempt_at for row in found}
+            claimable = messages.c.state.in_(from_states)
             rows = conn.execute(
                 update(messages)
-                .where(messages.c.id.in_(ids), messages.c.state.in_(from_states))
+                .where(messages.c.id.in_(ids), or_(claimable, lapsed(now)) if taken else claimable)
                 .values(state=MessageState.ACTIVE.value, lease_owner=owner, lease_expires_at=until)
                 .returning(*messages.c)
             ).all()
+            down = set(conn.execute(
+                select(destinations.c.name).where(
+                    destinations.c.name.in_({m.destination for m in rows}),
+                    destinations.c.up.is_(False),
+                )
+            ).scalars())
             rcpts: dict[str, list[PendingRecipient]] = {}
             for r in conn.execute(
                 select(recipients)
@@ -171,6 +198,8 @@ class Writes(KnownRecipientsTable, DestinationTable):
                 lease_until=m.lease_expires_at,
                 next_attempt_at=before.get(m.id),
                 last_error=m.last_error,
+                taken_over=m.id in taken,
+                probe=m.destination in down,
             )
             for m in rows
         ]
@@ -404,15 +433,17 @@ class Writes(KnownRecipientsTable, DestinationTable):
 
     # -- giving back -----------------------------------------------------------
 
-    def recover(self, owner: str, now: datetime) -> int:
-        """Return to the queue what a dead scheduler (ours before a crash, or an
-        expired lease elsewhere) left active. It is retried: never dropped."""
+    def recover(self, owner: str | Sequence[str], now: datetime) -> int:
+        """Return to the queue what a dead scheduler (ours before a crash, or a
+        lapsed lease elsewhere: see `nodes.lapsed`) left active. It is
+        retried: never dropped. `owner`: one lease owner or several."""
+        owners = (owner,) if isinstance(owner, str) else tuple(owner)
         with self.engine.begin() as conn:
             return conn.execute(
                 update(messages)
                 .where(
                     messages.c.state == MessageState.ACTIVE.value,
-                    or_(messages.c.lease_owner == owner, messages.c.lease_expires_at < now),
+                    or_(messages.c.lease_owner.in_(owners), lapsed(now)),
                 )
                 .values(
                     state=MessageState.DEFERRED.value,

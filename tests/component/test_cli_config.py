@@ -117,5 +117,5 @@ async def test_ready_line_names_the_resolved_queue(
     await asyncio.wait_for(running, 30)
     ready = [r.getMessage() for r in caplog.records if "mx-relay ready" in r.getMessage()]
     assert len(ready) == 1
-    assert ready[0].endswith(f"queue {etc}/var/queue.db")
+    assert f"queue {etc}/var/queue.db, node " in ready[0]
     assert (etc / "var" / "queue.db").is_file()

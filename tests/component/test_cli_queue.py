@@ -36,7 +36,7 @@ ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 RAW = b"Received: from x\r\nSubject: caf\xc3\xa9 \xff\r\n\r\nline one\r\n\xe9t\xe9\r\n.. dots\r\n"
 
 LIST_KEYS = {"id", "state", "sender", "size", "received_at", "next_attempt_at", "attempts",
-             "last_error", "recipients"}
+             "last_error", "recipients", "node"}
 RECIPIENT_KEYS = {"address", "status", "attempts", "last_reply"}
 STATS_KEYS = {"total", "by_state", "by_domain", "oldest_age_seconds"}
 REMOTE = "mail.verrotech.com[192.0.2.10]:25"
@@ -205,7 +205,7 @@ def test_list_json_has_the_spec_shape(filled: Queue, cfg: Path) -> None:
         check_message_shape(item)
     by_id = {m["id"]: m for m in data}
     assert list(by_id) == ["01ACT", "01DEF", "01NUL", "01SPLIT", "01SPLIT.2"]
-    assert by_id["01ACT"]["state"] == "active"
+    assert (by_id["01ACT"]["state"], by_id["01ACT"]["node"]) == ("active", "node")
     d = by_id["01DEF"]
     assert d == {
         "id": "01DEF", "state": "deferred", "sender": "s@sender.example",
@@ -218,6 +218,7 @@ def test_list_json_has_the_spec_shape(filled: Queue, cfg: Path) -> None:
             {"address": "ok@verrotech.com", "status": "delivered", "attempts": 1,
              "last_reply": "250 2.0.0 ok"},
         ],
+        "node": None,
     }
     assert by_id["01NUL"]["sender"] == ""
     assert by_id["01SPLIT"]["size"] == len(RAW)

@@ -194,6 +194,19 @@ async def test_identity_matched_by_address_only(dns_server: DnsServer) -> None:
     assert {h[0] for h in hops(result)} == {"mail.verrotech.com"}
 
 
+async def test_nodes_sharing_our_queue_count_as_us(dns_server: DnsServer) -> None:
+    """Norwich shares Hektor's queue: Hektor's name (or address) is Norwich's
+    own, so it keeps only the primary; peers heard of later replace earlier ones."""
+    reference(dns_server)
+    norwich = resolver(dns_server, NORWICH)
+    norwich.see_peers({"mail.verrotech.net"}, set())
+    assert {h[0] for h in hops(await norwich.route("verrotech.com"))} == {"mail.verrotech.com"}
+    norwich.see_peers(set(), {"192.0.2.20"})  # Hektor by its address only
+    assert {h[0] for h in hops(await norwich.route("verrotech.com"))} == {"mail.verrotech.com"}
+    norwich.see_peers(set(), set())  # Hektor left the cluster
+    assert "mail.verrotech.net" in {h[0] for h in hops(await norwich.route("verrotech.com"))}
+
+
 async def test_identity_matched_by_ipv6_address_of_the_best_mx(dns_server: DnsServer) -> None:
     reference(dns_server)
     me = Identity("relay.internal.example", frozenset({"2001:db8::10"}))

@@ -82,7 +82,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def make_scheduler(store: Store, clock: FakeClock, transport: ScriptedTransport,
                    concurrency: int = 10, per_destination: int = 5,
-                   delay_warning: float = 0, poll_interval: float = 0.5) -> Scheduler:
+                   delay_warning: float = 0, poll_interval: float = 0.5,
+                   on_destination_back: Callable[[str], None] | None = None) -> Scheduler:
     ids = count(1)
     return Scheduler(
         store=store,
@@ -102,6 +103,7 @@ def make_scheduler(store: Store, clock: FakeClock, transport: ScriptedTransport,
         owner="mail.verrotech.net",
         next_hops={},
         metrics=Metrics(),
+        on_destination_back=on_destination_back,
     )
 
 
@@ -377,3 +379,29 @@ async def test_a_delivery_whose_lease_was_taken_over_is_not_recorded(
     assert metrics._destinations.snapshot() == {}
     assert scheduler._seen == {}
     assert theirs.id == qid
+
+
+async def test_a_probe_that_finds_its_destination_back_tells_the_other_nodes(
+    store: Store, clock: FakeClock
+) -> None:
+    """Only the answered probe calls `on_destination_back` (service.py turns it
+    into a NOTIFY for the nodes sharing the queue); failed probes and the
+    drain that follows do not."""
+    queue_mail(store, clock, 5)
+    transport = ScriptedTransport(refused)
+    back: list[str] = []
+    scheduler = make_scheduler(store, clock, transport, per_destination=1,
+                               on_destination_back=back.append)
+    await scheduler.run_once()  # discovers the outage
+    for script in (refused, accepted):  # a failed probe, then one that gets through
+        transport.script = script
+        retry = store.queue.down_destinations()["verrotech.com"]
+        assert retry is not None
+        clock.set(retry + timedelta(seconds=1))
+        await scheduler.run_once()
+        await scheduler.run_once()
+        assert back == ([] if script is refused else ["verrotech.com"])
+    for _ in range(3):
+        await scheduler.run_once()
+    assert store.queue.stats().total == 0
+    assert back == ["verrotech.com"]

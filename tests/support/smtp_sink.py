@@ -271,6 +271,7 @@ class _Handler:
         record = self._record(server)
         record.commands.append("DATA")
         await self._maybe_drop(server, "DATA")
+        await self._sink._pass_gate()
         reply = self._sink.data_reply or f"250 2.0.0 Ok: queued as {self._sink._next_id()}"
         sender = envelope.mail_from or ""
         message = ReceivedMessage(
@@ -305,7 +306,10 @@ class Sink:
     Constructor options: ``tls`` (True for a trustme certificate signed by
     `sink_ca()`, or an `ssl.SSLContext`) enables STARTTLS; ``smtputf8``
     (default True) advertises and accepts SMTPUTF8; ``hostname`` is the name
-    in the greeting; ``data_size_limit`` is advertised as SIZE.
+    in the greeting; ``data_size_limit`` is advertised as SIZE; ``hold_data``
+    keeps every DATA (its content received) unanswered until `release_data()`
+    (`wait_for_held` counts them; `hold_data()` starts that later): deliveries
+    in flight on demand.
     """
 
     def __init__(
@@ -320,6 +324,7 @@ class Sink:
         data_size_limit: int = 33554432,
         refuse_sessions: bool = False,
         refusal: str = DEFAULT_REFUSAL,
+        hold_data: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -338,6 +343,9 @@ class Sink:
         self.refuse_sessions = refuse_sessions
         self.refusal = refusal
         self.disconnect_on: str | None = None
+        self._holding = hold_data  # DATA waits, content received, until release_data()
+        self._held = 0
+        self._gate: asyncio.Event  # made in the loop
         self.eightbitmime = eightbitmime
         self.hide_starttls = False
 
@@ -409,6 +417,44 @@ class Sink:
     async def await_sessions(self, count: int = 1, timeout: float = 10.0) -> list[SessionRecord]:
         """`wait_for_sessions` without blocking the caller's event loop."""
         return await asyncio.to_thread(self.wait_for_sessions, count, timeout)
+
+    def wait_until(self, predicate: Callable[[list[ReceivedMessage]], bool],
+                   timeout: float = 10.0) -> list[ReceivedMessage]:
+        """Block until `predicate(delivered messages)` holds; return them."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: predicate([m for m in self._received if m.accepted]), timeout)
+            got = [m for m in self._received if m.accepted]
+        if not ok:
+            raise TimeoutError(f"sink {self.address}: condition not met in {timeout}s "
+                               f"({len(got)} messages)")
+        return got
+
+    def wait_for_held(self, count: int, timeout: float = 10.0) -> None:
+        """With ``hold_data``: block until `count` DATA commands are waiting."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._held >= count, timeout):
+                raise TimeoutError(f"sink {self.address}: {self._held} of {count} held")
+
+    def hold_data(self) -> None:
+        """From now on DATA waits (its content received) until `release_data()`."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._gate.clear)
+        self._holding = True
+
+    def release_data(self) -> None:
+        """Let every held DATA (and every later one) be answered."""
+        assert self._loop is not None
+        self._holding = False
+        self._loop.call_soon_threadsafe(self._gate.set)
+
+    async def _pass_gate(self) -> None:
+        if not self._holding:
+            return
+        with self._cond:
+            self._held += 1
+            self._cond.notify_all()
+        await self._gate.wait()
 
     def clear(self) -> None:
         """Forget recorded sessions and messages (scripted replies stay)."""
@@ -523,6 +569,7 @@ class Sink:
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
+        self._gate = asyncio.Event()
         server = await loop.create_server(self._protocol, self.host, self.port, reuse_address=True)
         self.port = int(server.sockets[0].getsockname()[1])
         self._server = server

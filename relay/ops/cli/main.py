@@ -1,4 +1,4 @@
-"""The `relay` command: serve, check-config, status, db, queue, recipients.
+"""The `relay` command: serve, check-config, status, db, queue, recipients, nodes.
 
 Owns argument parsing, config lookup (`-c` before or after the command
 words, then $RELAY_CONFIG, then config/relay.toml, then defaults), exit codes
@@ -183,11 +183,13 @@ def demo(messages: int) -> None:
 def command_tree() -> click.Group:
     """Every `relay` command; the heavier groups are imported only here, when a
     command runs (and by the man page generator, which documents this tree)."""
+    from relay.ops.cli.nodes import nodes_command
     from relay.ops.cli.queue import queue_group
     from relay.ops.cli.recipients import recipients_group
 
     main_group.add_command(queue_group, "queue")
     main_group.add_command(recipients_group, "recipients")
+    main_group.add_command(nodes_command, "nodes")
     return main_group
 
 

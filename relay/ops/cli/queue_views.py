@@ -61,6 +61,7 @@ def message_json(view: MessageView) -> dict[str, Any]:
             }
             for r in view.recipients
         ],
+        "node": view.node,  # SPEC: the id of the node delivering it now, else null
     }
 
 
