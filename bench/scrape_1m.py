@@ -33,8 +33,8 @@ from prometheus_client import generate_latest
 from sqlalchemy import Engine, func, select
 
 from relay.core.clock import FakeClock
-from relay.core.config import HostPort
 from relay.core.destination import State
+from relay.core.values import HostPort
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import Metrics
 from relay.queue import db

@@ -21,6 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from relay.core import maillog
 from relay.core.clock import Clock
@@ -31,7 +32,6 @@ from relay.delivery.outcomes import Decision, Rules, decide, delay_notice
 from relay.delivery.resolver import NoRoute, Resolver
 from relay.delivery.throttle import Window, pushed_back
 from relay.delivery.transport import Transport
-from relay.ops.metrics import Metrics
 from relay.queue.access import Queue
 from relay.queue.rows import Claimed, QueueError, Recorded, Selector
 from relay.queue.store import Store
@@ -65,6 +65,30 @@ class Limits:
         return 2 * self.per_destination
 
 
+class DeliveryMetrics(Protocol):
+    """What the scheduler reports (relay_delivery_*, relay_destination_up);
+    `relay.ops.metrics.Metrics` is the one `relay serve` passes."""
+
+    def delivery(self, result: Outcome | str, seconds: float | None = None) -> None: ...
+
+    def observe_delivery(self, seconds: float) -> None: ...
+
+    def destination(self, name: str, state: State) -> None: ...
+
+
+class _Uncounted:
+    """No metrics: a scheduler built without them (tests, tools) counts nothing."""
+
+    def delivery(self, result: Outcome | str, seconds: float | None = None) -> None:
+        pass
+
+    def observe_delivery(self, seconds: float) -> None:
+        pass
+
+    def destination(self, name: str, state: State) -> None:
+        pass
+
+
 class Scheduler:
     def __init__(
         self,
@@ -77,7 +101,7 @@ class Scheduler:
         clock: Clock,
         owner: str,
         next_hops: dict[str, str],
-        metrics: Metrics | None = None,
+        metrics: DeliveryMetrics | None = None,
         learned: Callable[[Sequence[Learned], datetime], None] | None = None,
         on_destination_back: Callable[[str], None] | None = None,
     ) -> None:
@@ -96,7 +120,7 @@ class Scheduler:
         self._clock = clock
         self._owner = owner
         self._next_hops = next_hops
-        self._metrics = metrics or Metrics()
+        self._metrics: DeliveryMetrics = metrics or _Uncounted()
         self._wake = asyncio.Event()
         self._ready: dict[str, deque[Claimed]] = {}
         self._workers: Counter[str] = Counter()

@@ -34,7 +34,8 @@ from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
 from relay.core import config as configuration
-from relay.core.config import HostPort
+from relay.core import values
+from relay.core.values import HostPort
 
 HEADER = "run python -m relay.ops.docgen"
 CONFIG_DOC = "configuration.md"
@@ -70,9 +71,9 @@ def type_name(annotation: Any, metadata: list[Any]) -> str:
     annotation, extra = _split(annotation)
     metadata = [*metadata, *extra]
     special = {
-        configuration.parse_duration: 'duration (`"30s"`, `"5m"`, `"4h"`, `"5d"` or seconds)',
-        configuration.parse_size: 'size (`"35MB"`, `"512KiB"` or bytes)',
-        configuration._listen_address: '`"ip:port"`',
+        values.parse_duration: 'duration (`"30s"`, `"5m"`, `"4h"`, `"5d"` or seconds)',
+        values.parse_size: 'size (`"35MB"`, `"512KiB"` or bytes)',
+        values.listen_address: '`"ip:port"`',
     }
     func = _validator(metadata)
     if func in special:

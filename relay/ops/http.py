@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, generate_latest
 
-from relay.core.config import HostPort
+from relay.core.values import HostPort
 
 log = logging.getLogger(__name__)
 

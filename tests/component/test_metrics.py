@@ -29,9 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, func, select, text
 
 from relay.core.clock import FakeClock
-from relay.core.config import HostPort
 from relay.core.destination import AttemptOutcome, State
 from relay.core.model import MessageState, Outcome, RecipientStatus
+from relay.core.values import HostPort
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import METRICS, Metrics
 from relay.queue import db

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from relay.core import config
-from relay.core.config import ConfigError, HostPort, parse_duration, parse_size
+from relay.core.config import ConfigError
+from relay.core.values import HostPort, parse_duration, parse_next_hop, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -251,7 +252,7 @@ def test_next_hop_that_can_work_is_accepted(
 ) -> None:
     cfg = config.load(write(tmp_path, f'[domains."a.example"]\nnext_hop = "{next_hop}"\n'),
                       env={})
-    assert config.parse_next_hop(cfg.domains["a.example"].next_hop) == expected
+    assert parse_next_hop(cfg.domains["a.example"].next_hop) == expected
 
 
 @pytest.mark.parametrize(
