@@ -364,7 +364,7 @@ class Relay:
     def counts(self) -> dict[str, int]:
         """Messages per state through the queue API (what `relay queue stats` shows)."""
         if self._queue is None:
-            from relay import db  # the venv's packages: imported once main() re-exec'd
+            from relay.queue import db  # the venv's packages: imported once main() re-exec'd
             from relay.queue.access import Queue
 
             self._queue = Queue(db.connect(self.url))
