@@ -33,7 +33,7 @@ from relay.core.recipients import KnownRecipient
 from relay.delivery.outcomes import rules_from_config
 from relay.delivery.resolver import DnsResolver, Identity
 from relay.delivery.scheduler import Limits, Scheduler
-from relay.delivery.transport import SmtpTransport
+from relay.delivery.transport import SmtpTransport, verifying_tls_context
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import Metrics
 from relay.queue import db
@@ -93,6 +93,17 @@ def _server_tls(config: Config) -> ssl.SSLContext | None:
         raise ConfigError([problem]) from None
 
 
+def _delivery_tls(config: Config) -> ssl.SSLContext:
+    """The context `delivery.tls = "verify"` checks certificates with, or the config problem."""
+    try:
+        return verifying_tls_context(config.delivery.tls_ca_file)
+    except OSError as exc:  # ssl.SSLError included: not a PEM of certificates
+        reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else cause(exc)
+        problem = (f"{config.source}: delivery.tls_ca_file: cannot load "
+                   f"{config.delivery.tls_ca_file}: {reason}")
+        raise ConfigError([problem]) from None
+
+
 def _policies(known: KnownRecipients, metrics: Metrics,
               clock: Clock) -> Callable[[Config], Policy]:
     """How a config becomes the accept side's policy, at start and on reload:
@@ -114,6 +125,7 @@ def _prepare_reload(
 
     def prepare(new: Config) -> Callable[[], None]:
         tls = _server_tls(new)
+        verify = _delivery_tls(new)
         policy = policies(new)
         rules = rules_from_config(new)
         resolver = _resolver(new)
@@ -125,7 +137,10 @@ def _prepare_reload(
             scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
                                   next_hops=_next_hops(new), resolver=resolver)
             transport.tls = new.delivery.tls
+            transport.verify_context = verify
             transport.connect_timeout = new.delivery.connect_timeout
+            transport.command_timeout = new.delivery.command_timeout
+            transport.data_timeout = new.delivery.data_timeout
             if new.log != old.log:  # `serve --log-level` wins over the file, as at start
                 maillog.setup(log_level or new.log.level, json_lines=new.log.format == "json")
 
@@ -202,6 +217,9 @@ async def serve(
         helo_name=config.node.hostname,
         tls=config.delivery.tls,
         connect_timeout=config.delivery.connect_timeout,
+        command_timeout=config.delivery.command_timeout,
+        data_timeout=config.delivery.data_timeout,
+        verify_context=_delivery_tls(config),
     )
     scheduler = Scheduler(
         store=store,

@@ -185,6 +185,9 @@ class _Handler:
             assert server.transport is not None
             server.transport.close()
             await asyncio.Event().wait()
+        if self._sink.stall_on == verb:
+            # Never answer; the client's timeout ends it (connection_lost cancels this).
+            await asyncio.Event().wait()
 
     async def handle_EHLO(
         self,
@@ -300,6 +303,7 @@ class Sink:
       default) as its greeting and is closed;
     * ``disconnect_on = "MAIL" | "RCPT" | "DATA" | "EHLO"``: close the
       connection instead of answering that command (for DATA: after the data);
+    * ``stall_on``: the same verbs, but the connection stays open, unanswered;
     * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises.
 
     Constructor options: ``tls`` (True for a trustme certificate signed by
@@ -338,6 +342,7 @@ class Sink:
         self.refuse_sessions = refuse_sessions
         self.refusal = refusal
         self.disconnect_on: str | None = None
+        self.stall_on: str | None = None
         self.eightbitmime = eightbitmime
         self.hide_starttls = False
 
