@@ -56,7 +56,8 @@ async def test_a_cut_after_the_final_dot_is_uncertain(
     bob = report.replies[BOB]
     assert bob.uncertain and bob.outcome is Outcome.UNCERTAIN
     assert bob.code == 451
-    assert bob.text.startswith(f"4.4.2 lost connection with {label(sink)} while sending end of data")
+    assert bob.text.startswith(
+        f"4.4.2 lost connection with {label(sink)} while sending end of data")
     assert not report.replies[CAROL].uncertain  # refused at RCPT: that one is certain
     assert report.remote_host == label(sink) and not report.site_failure
 
