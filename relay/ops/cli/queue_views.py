@@ -58,7 +58,6 @@ def message_json(view: MessageView) -> dict[str, Any]:
                 "status": r.status,
                 "attempts": r.attempts,
                 "last_reply": r.last_reply,
-                "uncertain": r.uncertain,
             }
             for r in view.recipients
         ],
