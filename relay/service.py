@@ -36,7 +36,7 @@ from relay.core.recipients import KnownRecipient
 from relay.delivery.outcomes import rules_from_config
 from relay.delivery.resolver import DnsResolver, Identity
 from relay.delivery.scheduler import Limits, Scheduler
-from relay.delivery.transport import SmtpTransport
+from relay.delivery.transport import SmtpTransport, verifying_tls_context
 from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import Metrics
 from relay.queue import db
@@ -97,6 +97,17 @@ def _server_tls(config: Config) -> ssl.SSLContext | None:
         raise ConfigError([problem]) from None
 
 
+def _delivery_tls(config: Config) -> ssl.SSLContext:
+    """The context `delivery.tls = "verify"` checks certificates with, or the config problem."""
+    try:
+        return verifying_tls_context(config.delivery.tls_ca_file)
+    except OSError as exc:  # ssl.SSLError included: not a PEM of certificates
+        reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else cause(exc)
+        problem = (f"{config.source}: delivery.tls_ca_file: cannot load "
+                   f"{config.delivery.tls_ca_file}: {reason}")
+        raise ConfigError([problem]) from None
+
+
 def _policies(known: KnownRecipients, metrics: Metrics,
               clock: Clock) -> Callable[[Config], Policy]:
     """How a config becomes the accept side's policy, at start and on reload:
@@ -119,6 +130,7 @@ def _prepare_reload(
 
     def prepare(new: Config) -> Callable[[], None]:
         tls = _server_tls(new)
+        verify = _delivery_tls(new)
         policy = policies(new)
         rules = rules_from_config(new)
         resolver = _resolver(new)
@@ -133,7 +145,10 @@ def _prepare_reload(
             peers.resolver = resolver
             heartbeat.lease, heartbeat.retention = new.queue.lease, new.queue.log_retention
             transport.tls = new.delivery.tls
+            transport.verify_context = verify
             transport.connect_timeout = new.delivery.connect_timeout
+            transport.command_timeout = new.delivery.command_timeout
+            transport.data_timeout = new.delivery.data_timeout
             if new.log != old.log:  # `serve --log-level` wins over the file, as at start
                 maillog.setup(log_level or new.log.level, json_lines=new.log.format == "json")
 
@@ -230,6 +245,9 @@ async def serve(
         helo_name=config.node.hostname,
         tls=config.delivery.tls,
         connect_timeout=config.delivery.connect_timeout,
+        command_timeout=config.delivery.command_timeout,
+        data_timeout=config.delivery.data_timeout,
+        verify_context=_delivery_tls(config),
     )
     node = this_node(config.node.hostname, tuple(sorted(identity(config).addresses)),
                      clock.now())

@@ -191,9 +191,18 @@ class DeliveryConfig(_Section):
     """Simultaneous outbound SMTP sessions to one destination domain."""
     connect_timeout: Duration = 30.0
     """Time allowed to connect to one next-hop address before trying the next one."""
-    tls: Literal["none", "opportunistic", "required"] = "opportunistic"
+    tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
     """STARTTLS to next hops: `none` never, `opportunistic` when offered, `required` or that
-    hop counts as failed (certificates are not verified in any mode)."""
+    hop counts as failed (certificate not checked), `verify`: required, and the certificate
+    must be valid for the MX host name (or `next_hop` host or IP)."""
+    tls_ca_file: str = ""
+    """PEM file of the CAs `tls = "verify"` trusts (relative to the config file); empty = the
+    system CAs."""
+    command_timeout: Duration = 300.0
+    """Time allowed for each outbound SMTP command's reply (greeting excepted)."""
+    data_timeout: Duration = 600.0
+    """Time allowed for the whole message after DATA's 354 until the final reply; running
+    out after the final dot makes the attempt uncertain (retried)."""
     min_backoff: Duration = 300.0
     """Wait after the first failed attempt; doubles with each attempt (with jitter) up to
     `max_backoff`. Must be above 0."""
@@ -210,6 +219,8 @@ class DeliveryConfig(_Section):
             raise ValueError("min_backoff must be greater than 0")
         if self.max_backoff < self.min_backoff:
             raise ValueError("max_backoff must not be less than min_backoff")
+        if self.command_timeout <= 0 or self.data_timeout <= 0:
+            raise ValueError("command_timeout and data_timeout must be greater than 0")
         return self
 
 
@@ -396,7 +407,8 @@ def _check_files(written: Config, resolved: Config) -> list[str]:
     """
 
     def paths(config: Config) -> list[tuple[str, str]]:
-        named = [("smtp.tls_cert", config.smtp.tls_cert), ("smtp.tls_key", config.smtp.tls_key)]
+        named = [("smtp.tls_cert", config.smtp.tls_cert), ("smtp.tls_key", config.smtp.tls_key),
+                 ("delivery.tls_ca_file", config.delivery.tls_ca_file)]
         named += [
             (f"domains.{name}.recipients_file", domain.recipients_file)
             for name, domain in config.domains.items()
@@ -424,6 +436,8 @@ def _resolve_paths(config: Config, base: Path, queue_base: Path) -> Config:
     smtp = config.smtp.model_copy(
         update={"tls_cert": fix(config.smtp.tls_cert), "tls_key": fix(config.smtp.tls_key)}
     )
+    delivery = config.delivery.model_copy(
+        update={"tls_ca_file": fix(config.delivery.tls_ca_file)})
     domains = {
         name: d.model_copy(update={"recipients_file": fix(d.recipients_file)})
         for name, d in config.domains.items()
@@ -433,7 +447,8 @@ def _resolve_paths(config: Config, base: Path, queue_base: Path) -> Config:
     if database is not None and not database.is_absolute():
         url = make_url(queue.url).set(database=str(queue_base / database))
         queue = queue.model_copy(update={"url": url.render_as_string(hide_password=False)})
-    return config.model_copy(update={"smtp": smtp, "domains": domains, "queue": queue})
+    return config.model_copy(
+        update={"smtp": smtp, "delivery": delivery, "domains": domains, "queue": queue})
 
 
 def _format_error(source: str, error: Mapping[str, Any]) -> str:

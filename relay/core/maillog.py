@@ -1,7 +1,8 @@
 """The mail log: one grep-friendly line per event, keyed by queue ID.
 
 Owns the events operators grep for: `queued`, `rejected`, `attempt`,
-`delivered`, `deferred`, `bounced`, `expired` (and `dsn` when a sender
+`delivered`, `deferred`, `uncertain` (no reply after the final dot: retried),
+`bounced`, `expired` (and `dsn` when a sender
 notification is queued), each with the client IP, sender, recipient, next
 hop, remote reply and delay where they apply; what an operator did to a
 message (`held by operator`, ...); and a destination going down or coming
@@ -71,7 +72,7 @@ def attempt(message: Claimed, next_hop: str) -> None:
 
 def attempt_results(message: Claimed, decision: Decision, now: datetime,
                     duration: float | None = None) -> None:
-    """One line per recipient: `delivered`, `deferred`, `bounced` or `expired`."""
+    """One line per recipient: `delivered`, `deferred`, `uncertain`, `bounced` or `expired`."""
     result = decision.attempt
     delay = (now - message.received_at).total_seconds()
     for update in result.recipients:

@@ -72,9 +72,16 @@ class Outcome(enum.StrEnum):
     DEFERRED = "deferred"
     BOUNCED = "bounced"
     EXPIRED = "expired"  # bounced unattempted: too long in the queue (logged as such)
+    # The connection was lost (or timed out) after the final "." of DATA: the next
+    # hop may have the message (RFC 1047). Retried like a deferral.
+    UNCERTAIN = "uncertain"
 
 
-ATTEMPT_RESULTS = (Outcome.DELIVERED, Outcome.DEFERRED, Outcome.BOUNCED)  # what a reply gives
+# What a reply gives (the metric's labels).
+ATTEMPT_RESULTS = (Outcome.DELIVERED, Outcome.DEFERRED, Outcome.BOUNCED, Outcome.UNCERTAIN)
+
+# How a recipient's stored last reply starts while its latest attempt was uncertain.
+UNCERTAIN_PREFIX = "delivery uncertain: "
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +100,14 @@ class Reply:
 
     code: int
     text: str  # e.g. "5.1.1 <bob@example.com>: User unknown"
+    # No reply came after the final "." (lost or timed out): a 4xx of ours whose
+    # outcome is unknown, so a flag rather than a text to match.
+    uncertain: bool = False
 
     @property
     def outcome(self) -> Outcome:
+        if self.uncertain:
+            return Outcome.UNCERTAIN
         if 200 <= self.code < 300:
             return Outcome.DELIVERED
         if 500 <= self.code < 600:

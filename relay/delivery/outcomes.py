@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from relay.core.config import Config
 from relay.core.destination import AttemptOutcome
-from relay.core.model import DeliveryReport, Outcome, RecipientStatus, Reply
+from relay.core.model import UNCERTAIN_PREFIX, DeliveryReport, Outcome, RecipientStatus, Reply
 from relay.core.recipients import Learned, Ttl, learned_from
 from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.dsn import RecipientNotice, build_dsn
@@ -118,18 +118,20 @@ def decide(
         reply = replies[rcpt.address]
         outcome = reply.outcome
         logged = outcome
-        if outcome is Outcome.DEFERRED and expired:
+        # An uncertain attempt is retried like a deferral: a duplicate beats a loss.
+        if outcome in _WAITS and expired:
             outcome, logged = Outcome.BOUNCED, Outcome.EXPIRED  # keeps the last real reason
         if report is None and not operator_bounce:
             logged = Outcome.EXPIRED
-        updates.append(RecipientUpdate(rcpt.id, rcpt.address, _STATUS[outcome], str(reply), logged))
+        stored = f"{UNCERTAIN_PREFIX}{reply}" if reply.uncertain else str(reply)
+        updates.append(RecipientUpdate(rcpt.id, rcpt.address, _STATUS[outcome], stored, logged))
         results.append((rcpt.address, outcome, reply))
         if outcome is Outcome.BOUNCED:
             bounced.append((rcpt, reply))
-        elif outcome is Outcome.DEFERRED:
+        elif outcome in _WAITS:
             deferred.append((rcpt, reply))
             if not last_error:
-                last_error = str(reply)
+                last_error = stored
 
     verdict = _verdict(report, operator_bounce, site_failure, bool(deferred), results)
     destination = DestinationUpdate(message.destination, verdict)
@@ -191,8 +193,10 @@ def _learned(
 _STATUS = {
     Outcome.DELIVERED: RecipientStatus.DELIVERED,
     Outcome.DEFERRED: RecipientStatus.DEFERRED,
+    Outcome.UNCERTAIN: RecipientStatus.DEFERRED,
     Outcome.BOUNCED: RecipientStatus.BOUNCED,
 }
+_WAITS = frozenset({Outcome.DEFERRED, Outcome.UNCERTAIN})  # retried later
 
 
 def _verdict(
@@ -205,7 +209,9 @@ def _verdict(
     """What the attempt tells about its destination (see relay.core.destination).
 
     A site failure counts only while some recipient still waits for the
-    destination: when all of them expired, nothing waits to be parked.
+    destination: when all of them expired, nothing waits to be parked. An
+    uncertain recipient counts as deferred: the next hop answered up to the
+    final dot, so its destination is up.
     """
     if report is None:
         return AttemptOutcome.RETURNED if operator_bounce else AttemptOutcome.EXPIRED
@@ -213,7 +219,7 @@ def _verdict(
         return AttemptOutcome.SITE_FAILURE if deferred else AttemptOutcome.EXPIRED
     if isinstance(report, NoRoute):
         return AttemptOutcome.UNROUTABLE
-    outcomes = {outcome for _, outcome, _ in results}
+    outcomes = {Outcome.DEFERRED if o is Outcome.UNCERTAIN else o for _, o, _ in results}
     for worst in (Outcome.DEFERRED, Outcome.BOUNCED):
         if worst in outcomes:
             return AttemptOutcome(worst.value)

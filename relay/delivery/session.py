@@ -2,11 +2,14 @@
 
 Owns the client side of one SMTP dialogue as Postfix smtp(8) holds it: the
 greeting and EHLO (HELO fallback), the STARTTLS policy (none / opportunistic /
-required, never verifying certificates), MAIL FROM with SMTPUTF8,
-BODY=8BITMIME and SIZE, RCPT per recipient, DATA with the stored bytes sent
-unchanged but for dot-stuffing, RSET between transactions on a reused
-connection, and QUIT. Every remote answer or local failure comes back as a
-`Reply` per recipient, or as `SessionFailure` when no transaction could start.
+required without checking certificates; verify: the certificate must be valid
+for the hop's name), MAIL FROM with SMTPUTF8, BODY=8BITMIME and SIZE, RCPT
+per recipient, DATA with the stored bytes sent unchanged but for
+dot-stuffing, RSET between transactions on a reused connection, and QUIT.
+Every remote answer or local failure comes back as a `Reply` per recipient,
+or as `SessionFailure` when no transaction could start. A connection lost or
+silent after the final "." gives replies flagged `uncertain` (RFC 1047): the
+hop may have the message.
 
 Refuses choosing hops, keeping connections for reuse (`transport.py`) and
 wording synthetic replies (`replies.py`).
@@ -53,7 +56,7 @@ from relay.delivery.replies import (
 
 _T = TypeVar("_T")
 
-TlsPolicy = Literal["none", "opportunistic", "required"]
+TlsPolicy = Literal["none", "opportunistic", "required", "verify"]
 
 # Dot-stuffing: a "." that starts a line is doubled. Lines are counted after any
 # LF, not only after CRLF, so that no lenient server can see "<LF>.<CRLF>" in a
@@ -122,6 +125,17 @@ def client_tls_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def verifying_tls_context(ca_file: str = "") -> ssl.SSLContext:
+    """A client context that checks the certificate chain (against `ca_file`
+    when given, else the system CAs) and the host name, for `tls = "verify"`."""
+    return ssl.create_default_context(cafile=ca_file or None)
+
+
+def verified_name(host: str) -> str:
+    """The name a certificate must carry: the MX (or next_hop) host, or its IP literal."""
+    return host.rstrip(".").strip("[]")
 
 
 def sni_name(host: str) -> str | None:
@@ -258,7 +272,8 @@ class Session:
 
     async def _starttls(self) -> None:
         smtp = self._require()
-        required = self._tls == "required"
+        verify = self._tls == "verify"
+        required = verify or self._tls == "required"
         if not smtp.supports_extension("starttls"):
             if required:
                 raise SessionFailure(
@@ -271,7 +286,7 @@ class Session:
         try:
             await smtp.starttls(
                 tls_context=self._tls_context,
-                server_hostname=sni_name(self.hop.host),
+                server_hostname=verified_name(self.hop.host) if verify else sni_name(self.hop.host),
                 timeout=self._command_timeout,
             )
         except SMTPResponseException as exc:
@@ -302,8 +317,7 @@ class Session:
             raise self._handshake_failure("timed out") from None
         except (SMTPException, OSError, RuntimeError) as exc:
             smtp.close()
-            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else str(exc)
-            raise self._handshake_failure(reason) from None
+            raise self._handshake_failure(_tls_reason(exc)) from None
         self.tls_used = True
         await self._hello()
 
@@ -456,7 +470,11 @@ class Session:
                     f"4.4.2 lost connection with {self.label} while sending message body",
                 )
             ) from None
-        return await self._guard(protocol.read_response(timeout=self._data_timeout), stage)
+        # The final "." is out: from here a lost or silent connection leaves the
+        # outcome unknown, and the reply says so.
+        return await self._guard(
+            protocol.read_response(timeout=self._data_timeout), stage, uncertain=True
+        )
 
     # ------------------------------------------------------------ closing
 
@@ -510,9 +528,11 @@ class Session:
             smtp.execute_command(*args, timeout=timeout or self._command_timeout), stage
         )
 
-    async def _guard(self, awaitable: Awaitable[_T], stage: str) -> _T:
+    async def _guard(self, awaitable: Awaitable[_T], stage: str, *, uncertain: bool = False) -> _T:
         """Await `awaitable`; a broken, silent or garbled connection becomes `Lost`.
 
+        `uncertain`: the message may have been taken already (after the final
+        "."), so a lost or timed-out connection gives an uncertain reply.
         Other aiosmtplib errors (a refused EHLO or STARTTLS) pass through.
         """
         try:
@@ -520,12 +540,20 @@ class Session:
         except SMTPTimeoutError:
             self._drop()
             raise Lost(
-                Reply(SOFT_FAILURE, f"4.4.2 conversation with {self.label} timed out while {stage}")
+                Reply(
+                    SOFT_FAILURE,
+                    f"4.4.2 conversation with {self.label} timed out while {stage}",
+                    uncertain=uncertain,
+                )
             ) from None
         except (SMTPServerDisconnected, OSError):
             self._drop()
             raise Lost(
-                Reply(SOFT_FAILURE, f"4.4.2 lost connection with {self.label} while {stage}")
+                Reply(
+                    SOFT_FAILURE,
+                    f"4.4.2 lost connection with {self.label} while {stage}",
+                    uncertain=uncertain,
+                )
             ) from None
         except SMTPResponseException as exc:
             if exc.code != SMTPStatus.invalid_response:
@@ -545,3 +573,14 @@ class Session:
     @staticmethod
     def _all(recipients: Sequence[str], reply: Reply) -> dict[str, Reply]:
         return dict.fromkeys(recipients, reply)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """Why a handshake failed, naming the certificate problem when there is one
+    ("certificate verify failed: Hostname mismatch, ...")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {seen.verify_message}"
+        seen = seen.__cause__ or seen.__context__
+    return exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else str(exc)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from typing import Protocol
 
 from relay.core.model import DeliveryReport, Hop, OutboundMessage, Reply
 from relay.delivery.replies import SOFT_FAILURE, SessionFailure, TlsHandshakeFailure, hop_label
-from relay.delivery.session import Session, TlsPolicy, client_tls_context
+from relay.delivery.session import Session, TlsPolicy, client_tls_context, verifying_tls_context
 
-__all__ = ["SmtpTransport", "TlsPolicy", "Transport"]
+__all__ = ["SmtpTransport", "TlsPolicy", "Transport", "verifying_tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ class SmtpTransport:
 
     `tls`: "none" never sends STARTTLS; "opportunistic" uses it when offered and
     retries the same hop once in plaintext if the handshake fails; "required"
-    treats a hop without working STARTTLS as down (deferred, 4.7.x). No mode
-    verifies certificates (Postfix "may" / "encrypt").
+    treats a hop without working STARTTLS as down (deferred, 4.7.x) without
+    checking its certificate (Postfix "may" / "encrypt"); "verify" is "required"
+    plus a certificate valid for the hop's name under `verify_context`'s CAs
+    (Postfix "verify"): a failure defers that hop and the next one is tried.
     """
 
     def __init__(
@@ -70,18 +73,21 @@ class SmtpTransport:
         connect_timeout: float,
         command_timeout: float = 300.0,
         data_timeout: float = 600.0,
+        verify_context: ssl.SSLContext | None = None,
         reuse_limit: int = REUSE_LIMIT,
         idle_time: float = IDLE_TIME,
         max_age: float = MAX_SESSION_AGE,
     ) -> None:
-        if tls not in ("none", "opportunistic", "required"):
-            raise ValueError(f"tls must be none, opportunistic or required, not {tls!r}")
+        if tls not in ("none", "opportunistic", "required", "verify"):
+            raise ValueError(f"tls must be none, opportunistic, required or verify, not {tls!r}")
         self.helo_name = helo_name
         self.tls: TlsPolicy = tls
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
         self._tls_context = client_tls_context()
+        # Built by the caller (a CA file is read once, off the event loop when reloading).
+        self.verify_context = verify_context or verifying_tls_context()
         self.reuse_limit = reuse_limit
         self.idle_time = idle_time
         self.max_age = max_age
@@ -150,7 +156,7 @@ class SmtpTransport:
             hop,
             helo_name=self.helo_name,
             tls=tls,
-            tls_context=self._tls_context,
+            tls_context=self.verify_context if tls == "verify" else self._tls_context,
             connect_timeout=self.connect_timeout,
             command_timeout=self.command_timeout,
             data_timeout=self.data_timeout,

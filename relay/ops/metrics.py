@@ -264,7 +264,7 @@ class Metrics:
         )
         self._attempts = Counter(
             _base(DELIVERY_ATTEMPTS),
-            "Delivery results per recipient attempt: delivered, deferred or bounced.",
+            "Delivery results per recipient attempt: delivered, deferred, uncertain or bounced.",
             ["result"],
             registry=self.registry,
         )

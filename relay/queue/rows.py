@@ -16,7 +16,7 @@ from ulid import ULID
 
 from relay.core.address import destination_key
 from relay.core.destination import AttemptOutcome
-from relay.core.model import Outcome, RecipientStatus
+from relay.core.model import UNCERTAIN_PREFIX, Outcome, RecipientStatus
 from relay.core.recipients import Learned
 
 
@@ -155,6 +155,11 @@ class RecipientView:
     status: str
     attempts: int
     last_reply: str
+
+    @property
+    def uncertain(self) -> bool:
+        """The latest attempt may have delivered: no reply came after the final dot."""
+        return self.last_reply.startswith(UNCERTAIN_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,8 @@ def listing(cfg: Path, *extra: str) -> list[dict[str, Any]]:
     return data
 
 
-def check_message_shape(item: dict[str, Any], extra: frozenset[str] = frozenset()) -> None:
+def check_message_shape(item: dict[str, Any], extra: frozenset[str] = frozenset(),
+                        recipient_extra: frozenset[str] = frozenset()) -> None:
     assert set(item) == LIST_KEYS | extra
     assert isinstance(item["id"], str)
     assert item["state"] in ("active", "deferred", "hold")
@@ -153,7 +154,7 @@ def check_message_shape(item: dict[str, Any], extra: frozenset[str] = frozenset(
     assert isinstance(item["attempts"], int)
     assert isinstance(item["last_error"], str)
     for r in item["recipients"]:
-        assert set(r) == RECIPIENT_KEYS
+        assert set(r) == RECIPIENT_KEYS | recipient_extra
         assert isinstance(r["address"], str)
         assert r["status"] in ("queued", "delivered", "deferred", "bounced")
         assert isinstance(r["attempts"], int)
@@ -329,7 +330,9 @@ def test_show_json_is_the_list_shape_plus_history(filled: Queue, cfg: Path) -> N
     result = run("queue", "show", "01DEF", "--json", "-c", str(cfg))
     assert result.exit_code == 0, result.stderr
     obj = json.loads(result.stdout)
-    check_message_shape(obj, extra=frozenset({"destination", "client_address", "history"}))
+    check_message_shape(obj, extra=frozenset({"destination", "client_address", "history"}),
+                        recipient_extra=frozenset({"uncertain"}))
+    assert [r.pop("uncertain") for r in obj["recipients"]] == [False, False]
     [listed] = [m for m in listing(cfg) if m["id"] == "01DEF"]
     assert {k: obj[k] for k in LIST_KEYS} == listed
     assert obj["destination"] == "verrotech.com"

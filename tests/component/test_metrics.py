@@ -565,7 +565,7 @@ async def test_scrape_has_every_spec_metric_and_live_queue_depth(
         for s in family.samples:
             assert set(s.labels) - {"le"} == labels, (name, s)
     results = {s.labels["result"] for s in fams["relay_delivery_attempts"].samples}
-    assert results == {"delivered", "deferred", "bounced"}
+    assert results == {"delivered", "deferred", "bounced", "uncertain"}
     before = sample(fams, "relay_queue_messages", "relay_queue_messages", state="deferred")
 
     await asyncio.to_thread(queue.put_many, [new("01", "a@verrotech.com", "b@other.example")])

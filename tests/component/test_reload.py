@@ -23,7 +23,7 @@ from relay import service
 from relay.core import config as configuration
 from tests.support.deployment import merge, to_toml
 from tests.support.relay_process import free_port
-from tests.support.smtp_sink import Sink, closed_port
+from tests.support.smtp_sink import Sink, closed_port, sink_ca
 
 HOST = "mx.example"
 DEADLINE = 10.0
@@ -298,3 +298,64 @@ async def test_next_attempts_follow_a_reloaded_next_hop(
     await reloads.wait(1)
     [message] = await sink.await_messages(1, timeout=DEADLINE)
     assert message.recipients == ("alice@old.example",)
+
+
+class Deferrals(logging.Handler):
+    """Sets `seen` once the mail log reports a deferral."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.loop = asyncio.get_running_loop()
+        self.seen = asyncio.Event()
+        self.replies: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "mail_event", {})
+        if fields.get("event") == "deferred":
+            self.replies.append(fields["reply"])
+            self.loop.call_soon_threadsafe(self.seen.set)
+
+
+async def test_a_reloaded_ca_file_is_what_verify_trusts_next(
+    tmp_path: Path, serving: Callable[[Served], Any], reloads: ReloadLog,
+    smtp_sink: Callable[..., Sink],
+) -> None:
+    sink = smtp_sink("127.0.0.1", tls=True)  # its certificate names 127.0.0.1
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))  # not the sink's CA
+    deferrals = Deferrals()
+    mail_log = logging.getLogger("relay.mail")
+    mail_log.addHandler(deferrals)
+    level = mail_log.level
+    mail_log.setLevel(logging.INFO)
+    try:
+        relay = await serving(Served(
+            tmp_path, delivery={"tls": "verify", "tls_ca_file": "ca.pem"},
+            domains={"old.example": {"next_hop": f"127.0.0.1:{sink.port}"}}))
+        client = await Client.connect(relay.port)
+        await client.cmd("EHLO client.example")
+        await client.cmd("MAIL FROM:<a@sender.example>")
+        await client.cmd("RCPT TO:<alice@old.example>")
+        await client.cmd("DATA")
+        client.writer.write(BODY)
+        assert (await client.reply())[0] == 250
+        await client.close()
+        await asyncio.wait_for(deferrals.seen.wait(), DEADLINE)
+        assert "certificate verify failed: unable to get local issuer certificate" in (
+            deferrals.replies[0])
+        assert sink.message_count == 0
+
+        sink_ca().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        hangup()
+        await reloads.wait(1)
+        [message] = await sink.await_messages(1, timeout=DEADLINE)
+        assert message.tls and message.recipients == ("alice@old.example",)
+
+        (tmp_path / "ca.pem").write_text("not a certificate\n")
+        hangup()
+        await reloads.wait(2)
+        assert any(line.startswith(f"reload refused: {relay.path}: delivery.tls_ca_file: "
+                                   f"cannot load {tmp_path / 'ca.pem'}: ")
+                   for line in reloads.lines), reloads.lines
+    finally:
+        mail_log.removeHandler(deferrals)
+        mail_log.setLevel(level)

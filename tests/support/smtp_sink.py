@@ -185,6 +185,9 @@ class _Handler:
             assert server.transport is not None
             server.transport.close()
             await asyncio.Event().wait()
+        if self._sink.stall_on == verb:
+            # Never answer; the client's timeout ends it (connection_lost cancels this).
+            await asyncio.Event().wait()
 
     async def handle_EHLO(
         self,
@@ -301,6 +304,7 @@ class Sink:
       default) as its greeting and is closed;
     * ``disconnect_on = "MAIL" | "RCPT" | "DATA" | "EHLO"``: close the
       connection instead of answering that command (for DATA: after the data);
+    * ``stall_on``: the same verbs, but the connection stays open, unanswered;
     * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises.
 
     Constructor options: ``tls`` (True for a trustme certificate signed by
@@ -346,6 +350,7 @@ class Sink:
         self._holding = hold_data  # DATA waits, content received, until release_data()
         self._held = 0
         self._gate: asyncio.Event  # made in the loop
+        self.stall_on: str | None = None
         self.eightbitmime = eightbitmime
         self.hide_starttls = False
 

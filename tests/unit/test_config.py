@@ -306,3 +306,30 @@ def test_queue_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
 def test_queue_url_that_does_not_parse_is_refused(tmp_path: Path) -> None:
     [line] = problems_of(tmp_path, '[queue]\nurl = "postgresql://u@h:port/db"\n')
     assert line.startswith("queue.url: 'postgresql://u@h:port/db': not a database URL")
+
+
+def test_delivery_ca_file_resolves_next_to_config_and_must_exist(tmp_path: Path) -> None:
+    path = write(tmp_path, '[delivery]\ntls = "verify"\ntls_ca_file = "ca.pem"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert err.value.problems == [
+        f"{path}: delivery.tls_ca_file: file not found: ca.pem (resolved to {tmp_path}/ca.pem)"
+    ]
+    (tmp_path / "ca.pem").write_text("x")
+    cfg = config.load(path, env={})
+    assert (cfg.delivery.tls, cfg.delivery.tls_ca_file) == ("verify", str(tmp_path / "ca.pem"))
+
+
+def test_outbound_timeouts_default_and_parse(tmp_path: Path) -> None:
+    defaults = config.load(write(tmp_path, ""), env={}).delivery
+    assert (defaults.command_timeout, defaults.data_timeout) == (300.0, 600.0)
+    path = write(tmp_path, '[delivery]\ncommand_timeout = "30s"\ndata_timeout = "500ms"\n')
+    cfg = config.load(path, env={})
+    assert (cfg.delivery.command_timeout, cfg.delivery.data_timeout) == (30.0, 0.5)
+
+
+def test_zero_outbound_timeout_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[delivery]\ndata_timeout = "0s"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert [p for p in err.value.problems if "data_timeout must be greater than 0" in p]

@@ -314,3 +314,48 @@ def test_reply_enhanced_status_is_ascii_only() -> None:
     assert Reply(550, "5.1.1 x").enhanced_status == "5.1.1"
     assert Reply(550, "5.\u00b9.1 x").enhanced_status == "5.0.0"
     assert Reply(450, "busy").enhanced_status == "4.0.0"
+
+
+LOST_AFTER_DOT = Reply(
+    451,
+    "4.4.2 lost connection with mail.verrotech.com[127.0.0.2]:25 while sending end of data"
+    " -- message may be sent more than once",
+    uncertain=True,
+)
+
+
+def test_uncertain_is_retried_like_a_deferral_and_says_so() -> None:
+    d = decide(
+        rules(),
+        claimed("a@verrotech.com", "b@verrotech.com", attempts=2),
+        "n",
+        T0 + timedelta(seconds=5),
+        report=report(a=LOST_AFTER_DOT, b=UNKNOWN),
+        original=ORIGINAL,
+    )
+    a, b = d.attempt.recipients
+    assert (a.status, a.outcome) == (RecipientStatus.DEFERRED, Outcome.UNCERTAIN)
+    assert a.reply == f"delivery uncertain: {LOST_AFTER_DOT}"
+    assert b.outcome is Outcome.BOUNCED
+    assert d.attempt.next_attempt_at is not None
+    assert d.attempt.next_attempt_at - (T0 + timedelta(seconds=5)) >= timedelta(seconds=600)
+    assert d.attempt.last_error == a.reply
+    assert ("a@verrotech.com", Outcome.UNCERTAIN, LOST_AFTER_DOT) in d.results  # the metric
+    # The next hop answered up to the final dot: its destination is up, not down.
+    assert d.outcome is AttemptOutcome.DEFERRED and d.outcome.reached
+
+
+def test_uncertain_alone_leaves_the_destination_reached() -> None:
+    d = decide(rules(), claimed("a@verrotech.com"), "n", T0,
+               report=report(a=LOST_AFTER_DOT), original=ORIGINAL)
+    assert d.outcome is AttemptOutcome.DEFERRED and d.outcome.reached
+    assert d.attempt.destination is not None and d.attempt.destination.retry_at is None
+
+
+def test_uncertain_past_lifetime_bounces_as_expired() -> None:
+    d = decide(rules(), claimed("a@verrotech.com"), "n", T0 + timedelta(days=1),
+               report=report(a=LOST_AFTER_DOT), original=ORIGINAL)
+    [update] = d.attempt.recipients
+    assert update.status is RecipientStatus.BOUNCED and update.outcome is Outcome.EXPIRED
+    assert update.reply.startswith("delivery uncertain: 451 4.4.2 lost connection")
+    assert len(d.attempt.dsns) == 1

@@ -112,6 +112,9 @@ def show_command(
             fail(f"unknown queue ID {queue_id}")
         if as_json:
             obj = message_json(view)
+            # `queue list` keeps SPEC's four recipient keys; `show` says more.
+            for item, rcpt in zip(obj["recipients"], view.recipients, strict=True):
+                item["uncertain"] = rcpt.uncertain
             obj["destination"] = view.destination
             obj["client_address"] = view.client_address
             obj["history"] = [
