@@ -29,7 +29,7 @@ from relay.queue.access import Queue
 from relay.queue.rows import NewMessage, QueueError
 from relay.queue.schema import messages, recipients
 from relay.smtp import server as smtpd
-from relay.smtp.data import LINE_TOO_LONG
+from relay.smtp.data import LINE_TOO_LONG, DataReceiver
 from relay.smtp.listeners import Listeners, start_listeners
 from relay.smtp.policy import Policy
 
@@ -675,13 +675,15 @@ async def test_the_tail_of_an_overlong_line_never_ends_the_data() -> None:
         _settings=SimpleNamespace(max_size=10**6, data_timeout=60.0),
         _in_data=False, _data_seen=0.0, _reset_timeout=lambda *args: None,
     )
-    task = asyncio.create_task(smtpd.RelaySMTP._read_data(stub))  # type: ignore[arg-type]
+    receiver = DataReceiver(10**6)
+    task = asyncio.create_task(smtpd.RelaySMTP._read_data(stub, receiver))  # type: ignore[arg-type]
     reader.feed_data(b"Subject: x\r\n\r\n" + b"w" * 5000 + b".")
     await asyncio.wait_for(reader.drained.wait(), 5)  # consumed; it now waits for more
     assert not task.done()
     reader.feed_data(b"\r\nMAIL FROM:<evil@example>\r\n.\r\n")
     reader.feed_eof()
-    assert await task == ([], LINE_TOO_LONG)
+    assert await task
+    assert (receiver.blocks, receiver.problem) == ([], LINE_TOO_LONG)
     assert await reader.read() == b""  # all of it was data, up to the real end
 
 
