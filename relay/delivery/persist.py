@@ -27,12 +27,12 @@ MAX_PAUSE = 10.0
 
 
 async def until_stored(write: Callable[[], Awaitable[T]], what: str, halt: asyncio.Event,
-                       give_up_after: float,
+                       give_up_after: float, *, first_pause: float = FIRST_PAUSE,
                        now: Callable[[], float] = time.monotonic) -> T | None:
     """`await write()` until it succeeds; None if `halt` is set or
     `give_up_after` seconds pass first (the failure is logged)."""
     deadline = now() + give_up_after
-    pause = FIRST_PAUSE
+    pause = first_pause
     failed: Exception | None = None
     while True:
         try:

@@ -1175,3 +1175,61 @@ async def test_an_idn_domain_is_queued_and_flushed_under_its_a_label(
     assert relay.etrn_calls == ["xn--bcher-kva.test", "xn--bcher-kva.test"]
     assert (await client.cmd("ETRN bü_cher.test")).last == "501 5.5.4 Syntax: ETRN <domain>"
     await client.close()
+
+
+# -- room: the memory shared by messages being received ----------------------------
+
+
+async def held_reaches(relay: Relay, size: int) -> None:
+    """Wait until the sessions together hold at least `size` bytes of DATA."""
+    budget = relay.listeners._shared.inflight
+
+    async def reached() -> None:
+        while budget.used < size:
+            await asyncio.sleep(0)  # one turn of the loop: the sessions read meanwhile
+
+    await asyncio.wait_for(reached(), 10)
+
+
+async def test_a_message_over_the_shared_data_budget_gets_451_and_others_carry_on(
+        start: StartRelay) -> None:
+    relay = await start(smtp={"max_inflight_data": "200KB"})
+    budget = relay.listeners._shared.inflight
+    line = b"x" * 98 + b"\r\n"
+    big = b"Subject: big\r\n\r\n" + line * 1500  # 150 KB held while it arrives
+    other = b"Subject: other\r\n\r\n" + line * 1000  # 100 KB: would not fit beside it
+    first, second = await relay.client(), await relay.client()
+    assert (await first.cmd("MAIL FROM:<a@sender.example>")).code == 250
+    assert (await first.cmd("RCPT TO:<bob@verrotech.com>")).code == 250
+    assert (await first.cmd("DATA")).code == 354
+    await first.send(big)
+    await held_reaches(relay, len(big) - len(line))
+
+    reply = await second.transaction("c@sender.example", ["bob@verrotech.com"], other)
+    assert reply.last == "451 4.3.1 Insufficient system resources"
+    assert budget.used < len(big) + len(line)  # what was kept of it is given back
+    await first.send(b".\r\n")
+    assert (await first.reply()).code == 250  # the first session carried on
+    assert budget.used == 0
+    small = b"Subject: small\r\n\r\n" + line * 400
+    reply = await second.transaction("c@sender.example", ["bob@verrotech.com"], small)
+    assert reply.code == 250  # room again once the first was stored
+    assert (await second.cmd("NOOP")).code == 250  # the session went on all along
+    assert budget.used == 0
+    assert [row.sender for row in relay.rows()] == ["a@sender.example", "c@sender.example"]
+    assert relay.listeners.stats.rejections["inflight_data"] == 1
+    await first.close()
+    await second.close()
+
+
+async def test_a_client_leaving_mid_data_gives_its_bytes_back(start: StartRelay) -> None:
+    relay = await start(smtp={"max_inflight_data": "200KB"})
+    client = await relay.client()
+    assert (await client.cmd("MAIL FROM:<a@sender.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<bob@verrotech.com>")).code == 250
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(b"Subject: gone\r\n\r\n" + b"y" * 98 + b"\r\n" * 1)
+    await held_reaches(relay, 100)
+    await client.close()
+    await asyncio.wait_for(relay.listeners.wait_sessions(), 10)
+    assert relay.listeners._shared.inflight.used == 0
