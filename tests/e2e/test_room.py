@@ -5,7 +5,9 @@ queue on a small file system of its own (a 20 MB tmpfs the fixture mounts;
 skipped where mounting is not permitted) filled until `MAIL FROM` hears
 `452 4.3.1`, and on a queue whose write lock another process holds. Each
 test ends by checking that every acknowledged message is still there and
-is delivered. Synchronisation is by events (log lines, sink deliveries) and
+is delivered. A PostgreSQL server private to one test is stopped and
+started again under a running relay with a delivery in progress.
+Synchronisation is by events (log lines, sink deliveries) and
 by asking `/healthz` until it answers as expected, within a deadline.
 """
 
@@ -15,6 +17,7 @@ import os
 import smtplib
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +27,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.deployment import PRIMARY, RELAY, Deployment, message
+from tests.support.postgres import (
+    PostgresServer,
+    Unavailable,
+    create_database,
+    ensure_binaries,
+    needs_postgres,
+)
 from tests.support.relay_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -158,3 +168,56 @@ def test_a_locked_sqlite_queue_never_acknowledges_before_the_commit(
     assert relay.count(rf"{first}: delivered ") == 1
     assert relay.queue_list() == []
     assert relay.terminate() == 0
+
+
+@needs_postgres
+def test_postgresql_stopped_and_restarted_under_a_running_relay(
+        deployment: Deployment) -> None:
+    """A delivery in progress when the database goes away is recorded once it
+    returns (not left `active` for its lease); meanwhile the accept side says
+    451 4.3.0 and /healthz 503; all of it recovers by itself."""
+    try:
+        server = PostgresServer(ensure_binaries())
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    gate = threading.Event()
+    try:
+        server.start()
+        metrics_port = free_port("127.0.0.1")
+        deployment.write_config(queue={"url": create_database(server.url)},
+                                metrics={"listen": f"127.0.0.1:{metrics_port}"})
+        primary = deployment.sink(PRIMARY)
+        primary.hold_data = gate
+        relay = deployment.relay()
+        assert relay.cli("db", "upgrade").returncode == 0
+        relay.start()
+        first = deployment.send(SENDER, [ALICE], message(1))
+        primary.wait_for_messages(1)  # in delivery: the sink holds its reply
+
+        server.halt()
+        assert "database" in healthz_until(metrics_port, 503)
+        with smtplib.SMTP(RELAY, deployment.relay_port, timeout=30) as client:
+            client.ehlo("client.sender.example")
+            assert client.mail(SENDER)[0] == 250
+            assert client.rcpt(ALICE)[0] == 250
+            code, reply = client.data(message(2))
+        assert (code, reply.decode()) == (451, "4.3.0 Error: queue file write error")
+        gate.set()  # the delivery ends while the database is away
+        relay.wait_for(rf"{first}: delivery attempt: not stored, will try again")
+
+        server.resume()
+        relay.wait_for(rf"{first}: delivery attempt: stored, the database answers again",
+                       timeout=30)
+        relay.wait_for(rf"{first}: delivered ")
+        assert healthz_until(metrics_port, 200).strip() == "ok"
+        second = deployment.send(SENDER, [ALICE], message(3))
+        got = primary.wait_for_messages(2)
+        relay.wait_for(rf"{second}: delivered ")
+        assert [m.data.endswith(message(n)) for m, n in zip(got, (1, 3), strict=True)]
+        assert relay.count(rf"{first}: delivered ") == 1  # recorded once, not sent again
+        assert relay.queue_list() == []  # nothing acknowledged left behind, nothing active
+        assert "Task exception was never retrieved" not in relay.log
+        assert relay.terminate() == 0
+    finally:
+        gate.set()
+        server.stop()

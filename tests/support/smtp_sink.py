@@ -284,6 +284,9 @@ class _Handler:
             peer=record.peer,
         )
         self._sink._add_message(message)
+        gate = self._sink.hold_data
+        if gate is not None:  # the message is here; its reply waits for the test
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait)
         return reply
 
 
@@ -300,7 +303,10 @@ class Sink:
       default) as its greeting and is closed;
     * ``disconnect_on = "MAIL" | "RCPT" | "DATA" | "EHLO"``: close the
       connection instead of answering that command (for DATA: after the data);
-    * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises.
+    * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises;
+    * ``hold_data = threading.Event()``: each message is recorded at the end
+      of its data, but its reply waits until the event is set (a delivery
+      caught in progress).
 
     Constructor options: ``tls`` (True for a trustme certificate signed by
     `sink_ca()`, or an `ssl.SSLContext`) enables STARTTLS; ``smtputf8``
@@ -340,6 +346,7 @@ class Sink:
         self.disconnect_on: str | None = None
         self.eightbitmime = eightbitmime
         self.hide_starttls = False
+        self.hold_data: threading.Event | None = None
 
         self._cond = threading.Condition()
         self._sessions: list[SessionRecord] = []
