@@ -7,6 +7,7 @@ import contextlib
 import re
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pytest
 import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from relay.core import config as config_module
 from relay.core.clock import FakeClock
@@ -28,6 +29,7 @@ from relay.queue import db
 from relay.queue.access import Queue
 from relay.queue.rows import NewMessage, QueueError
 from relay.queue.schema import messages, recipients
+from relay.queue.store import Store
 from relay.smtp import server as smtpd
 from relay.smtp.data import LINE_TOO_LONG, DataReceiver
 from relay.smtp.listeners import Listeners, start_listeners
@@ -1233,3 +1235,55 @@ async def test_a_client_leaving_mid_data_gives_its_bytes_back(start: StartRelay)
     await client.close()
     await asyncio.wait_for(relay.listeners.wait_sessions(), 10)
     assert relay.listeners._shared.inflight.used == 0
+
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()  # held until the test says so
+db.execute("ROLLBACK")
+"""
+
+
+async def test_a_queue_locked_past_the_busy_timeout_is_451_then_accepts_again(
+        start: StartRelay, tmp_path: Path) -> None:
+    """Another process holds the SQLite write lock longer than SQLite waits
+    (30 s in service, 0.2 s here): the client hears 451 4.3.0, never 250, and
+    once the lock is gone the same session's next message is stored."""
+    engine = db.connect(f"sqlite:///{tmp_path}/locked.db")
+    db.upgrade(engine)
+
+    @event.listens_for(engine, "connect")
+    def _short_wait(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout=200")  # after db.connect's 30000
+
+    engine.dispose()  # connections from now on wait 0.2 s
+    store = Store(Queue(engine))
+    relay = await start(submit=store.put)
+    locker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOCKER, str(tmp_path / "locked.db"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert locker.stdin is not None and locker.stdout is not None
+    try:
+        assert (await locker.stdout.readline()).strip() == b"locked"
+        client = await relay.client()
+        reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+        assert reply.last == "451 4.3.0 Error: queue file write error"
+        locker.stdin.write(b"\n")
+        await locker.stdin.drain()
+        assert await asyncio.wait_for(locker.wait(), 10) == 0
+        reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+        assert reply.code == 250, reply
+        queue_id = reply.last.rsplit(" ", 1)[1]
+        await client.close()
+    finally:
+        if locker.returncode is None:
+            locker.kill()
+            await locker.wait()
+        store.close()
+    with engine.connect() as conn:
+        assert list(conn.execute(select(messages.c.id)).scalars()) == [queue_id]
+    assert relay.listeners.stats.rejections["storage"] == 1
+    engine.dispose()
