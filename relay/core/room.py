@@ -11,10 +11,13 @@ Refuses replies and metrics (`relay.smtp`), and knowing where the queue is
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("relay.room")
 
 SHORT_OF_SPACE = "452 4.3.1 Insufficient system storage"
 SHORT_OF_MEMORY = "451 4.3.1 Insufficient system resources"
@@ -43,7 +46,14 @@ class FreeSpace:
         now = self._now()
         if now - self._checked >= self._interval:
             self._checked = now
-            self._short = self._measure()
+            short = self._measure()
+            if (short is None) != (self._short is None):  # one line per change, not per check
+                if short is None:
+                    log.info("queue file system %s has room again: accepting mail",
+                             self.directory)
+                else:
+                    log.warning("%s: MAIL FROM gets 452 4.3.1 until space returns", short)
+            self._short = short
         return self._short
 
     def _measure(self) -> str | None:
