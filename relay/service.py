@@ -300,7 +300,8 @@ async def serve(
     )
     http = None
     if config.metrics.address is not None:
-        health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping)
+        health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping,
+                             room=listeners.free_space.problem)
         try:
             http = await start_http(config.metrics.address, metrics.registry, health)
         except OSError as exc:

@@ -106,6 +106,9 @@ class SmtpConfig(_Section):
     """PEM private key file for `tls_cert`; set both or neither. Relative to the config file."""
     etrn_clients: tuple[str, ...] = ()
     """IP addresses or CIDR networks allowed to send `ETRN <domain>`; others get `459 4.7.1`."""
+    max_inflight_data: Size = 1_000_000_000
+    """Memory for messages being received, all sessions together; a message that would exceed it
+    is read to its end but not kept, and gets `451 4.3.1`."""
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -141,6 +144,9 @@ class QueueConfig(_Section):
     """How long a delivery stays this node's without its heartbeat: a node renews its leases every
     third of it; when one dies, another takes its deliveries over once this has passed. The
     `relay nodes` heartbeat and `relay_nodes_up` count a node up for this long after it was seen."""
+    min_free_space: Size = 100_000_000
+    """Free space the SQLite queue's file system must keep; below it `MAIL FROM` gets `452 4.3.1`
+    and `/healthz` 503, until space returns; 0 = no check."""
 
     @field_validator("url")
     @classmethod

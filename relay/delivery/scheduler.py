@@ -29,6 +29,7 @@ from relay.core.destination import Action, AttemptOutcome, State, Transition, tr
 from relay.core.model import DeliveryReport, OutboundMessage, Outcome
 from relay.core.recipients import Learned
 from relay.delivery.outcomes import Decision, Rules, decide, delay_notice
+from relay.delivery.persist import until_stored
 from relay.delivery.resolver import NoRoute, Resolver
 from relay.delivery.throttle import Window, pushed_back
 from relay.delivery.transport import Transport
@@ -128,6 +129,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._turn = 0  # round-robin start among destinations
         self._stopping = False
+        self._halt = asyncio.Event()  # set by stop(): retries of a write end
         self._last_expiry = 0.0
         self._last_prune = 0.0
         self._probed_at: datetime | None = None
@@ -200,6 +202,7 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Stop claiming; let deliveries finish for `grace` seconds, then put them back."""
         self._stopping = True
+        self._halt.set()
         self._wake.set()
         waiting = [m.id for ready in self._ready.values() for m in ready]
         for ready in self._ready.values():
@@ -426,15 +429,21 @@ class Scheduler:
                 self._rules, message, self._owner, now, report=report, original=original,
                 destination_failures=failures,
             )
-            recorded = await self._store.record(decision.attempt)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", message.id)
             retry = self._clock.now() + timedelta(seconds=self._rules.backoff.min_backoff)
-            await self._store.call(self._queue.unclaim, [message.id], self._owner, retry)
+            await until_stored(
+                lambda: self._store.call(self._queue.unclaim, [message.id], self._owner, retry),
+                f"{message.id}: claim given back", self._halt, self._limits.lease)
             return AttemptOutcome.RETURNED
-        if recorded is Recorded.STALE:
+        # The attempt happened: its record is kept trying while the database is
+        # away, not dropped (the message would stay `active` for the whole lease).
+        recorded = await until_stored(lambda: self._store.record(decision.attempt),
+                                      f"{message.id}: delivery attempt", self._halt,
+                                      self._limits.lease)
+        if recorded is None or recorded is Recorded.STALE:
             # Our lease ran out and another claim took the message over: its
             # record stands, this one was refused (and logged) by the queue.
             return AttemptOutcome.RETURNED

@@ -69,7 +69,8 @@ class _Shared:
 
 
 class HealthCheck:
-    """`/healthz`: the SMTP listener is up and the database answers in time.
+    """`/healthz`: the SMTP listener is up, there is room (`room()` says what is
+short, if anything) and the database answers in time.
 
     `listening()` is called on the event loop; `ping()` blocks (it is
     `Queue.ping`, raising when the database does not answer) and runs in a
@@ -81,14 +82,19 @@ class HealthCheck:
         listening: Callable[[], bool],
         ping: Callable[[], None],
         timeout: float = HEALTH_TIMEOUT,
+        room: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._listening = listening
+        self._room = room
         self._ping = _Shared(ping, "relay-health")
         self._timeout = timeout
 
     async def __call__(self) -> tuple[bool, str]:
         if not self._listening():
             return False, "smtp listener is not up"
+        short = self._room()  # e.g. the queue's file system short of space
+        if short is not None:
+            return False, short
         try:
             await self._ping(self._timeout)
         except TimeoutError:

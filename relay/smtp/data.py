@@ -6,12 +6,15 @@ caller to reject, and so `\\n.\\r\\n` never ends the data (no smuggling). A
 line that is exactly `.` ends it; any other line loses one leading dot. A
 line longer than `MAX_LINE` octets with its CRLF, or data over the size limit,
 is a problem: the first one met, in line order, is kept, and everything up to
-the end is still read but no longer kept.
+the end is still read but no longer kept. So is a message whose kept bytes
+would not fit the `Budget` all sessions share (`smtp.max_inflight_data`).
 """
 
 from __future__ import annotations
 
 import asyncio
+
+from relay.core.room import SHORT_OF_MEMORY, Budget
 
 MAX_LINE = 1000  # 998 octets + CRLF, RFC 5321 4.5.3.1.6 / RFC 5322 2.1.1
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -26,10 +29,12 @@ _STUFFED = b"\r\n."
 class DataReceiver:
     """The DATA of one message, fed as it arrives, in pieces of any size."""
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, budget: Budget | None = None) -> None:
         self.blocks: list[bytes] = [b""]  # index 0 left free for our Received header
         self.problem: str | None = None
         self._max_size = max_size
+        self._budget = budget if budget is not None else Budget(max_size)
+        self.held = 0  # bytes counted in the budget, until `release`
         self._size = 0
         self._partial = b""  # the start of a line whose CRLF has not arrived yet
         self._overlong = False  # inside a line already known to be too long
@@ -69,10 +74,19 @@ class DataReceiver:
             block = _unstuff(block)
         size = self._size + len(block)
         if size <= self._max_size and _lines_fit(block):
+            if not self._budget.take(len(block)):
+                self._fail(SHORT_OF_MEMORY)
+                return
             self.blocks.append(block)
+            self.held += len(block)
             self._size = size
             return
         self._fail(_first_problem(block, self._size, self._max_size))
+
+    def release(self) -> None:
+        """Give the bytes kept back to the budget: the message is stored or dropped."""
+        self._budget.give(self.held)
+        self.held = 0
 
     def _hold(self, partial: bytes) -> None:
         """Keep the start of an unfinished line, or only note that it is too long:
@@ -90,6 +104,7 @@ class DataReceiver:
         if self.problem is None:
             self.problem = problem
             self.blocks = []
+            self.release()
 
 
 def _unstuff(block: bytes) -> bytes:

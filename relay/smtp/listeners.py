@@ -16,6 +16,7 @@ from collections.abc import Callable
 from relay.core.clock import Clock
 from relay.core.config import Config
 from relay.core.oserror import ListenError
+from relay.core.room import FreeSpace
 from relay.smtp.policy import Policy
 from relay.smtp.server import RelaySMTP
 from relay.smtp.shared import OnEtrn, Shared, SmtpMetrics, SmtpStats, Submit
@@ -39,6 +40,11 @@ class Listeners:
     @property
     def stats(self) -> SmtpStats:
         return self._shared.stats
+
+    @property
+    def free_space(self) -> FreeSpace:
+        """The queue file system's free-space check MAIL makes (also `/healthz`'s)."""
+        return self._shared.free_space
 
     @property
     def sessions_active(self) -> int:

@@ -17,6 +17,10 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
   data`; all of these are answered only after the terminating `.`, and the
   session goes on
 * storage failure: `451 4.3.0 Error: queue file write error`
+* out of room (SPEC "Running out of room"): `452 4.3.1 Insufficient system
+  storage` to MAIL while the queue's file system is short of space; `451
+  4.3.1 Insufficient system resources` at the end of a message that did not
+  fit `smtp.max_inflight_data`
 * ETRN: `250 2.0.0 Queuing for node D started`; `459 4.7.1 Node D not
   allowed: access denied` for clients outside `smtp.etrn_clients`; `458 4.1.0
   Unable to queue messages for node D: not a hosted domain`; `501 5.5.4
@@ -46,6 +50,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime
 
+from relay.core.room import SHORT_OF_MEMORY
 from relay.smtp.data import LINE_TOO_LONG, TOO_BIG
 
 MAX_HOPS = 50
@@ -62,6 +67,7 @@ DATA_PROBLEMS = {
     BARE_CR_LF: "bare_cr_lf",
     NUL_BYTE: "nul_byte",
     TOO_MANY_HOPS: "hops",
+    SHORT_OF_MEMORY: "inflight_data",
 }
 POLICY_REASONS = {554: "relay_denied", 550: "unknown_recipient", 451: "lookup_failure",
                   501: "recipient_syntax", 450: "unverified_recipient"}

@@ -39,6 +39,7 @@ from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, login_always_fail
 
 from relay.core import maillog
 from relay.core.address import host_key
+from relay.core.room import SHORT_OF_SPACE
 from relay.queue.rows import NewMessage
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
 from relay.smtp.policy import PathSyntaxError, sender_address, split_path
@@ -323,6 +324,9 @@ class RelaySMTP(SMTP):
             await self._refuse("smtputf8", "MAIL",
                                "553 5.6.7 Error: non-ASCII address without SMTPUTF8", sender)
             return
+        if self._shared.free_space.problem() is not None:
+            await self._refuse("storage_full", "MAIL", SHORT_OF_SPACE, sender)
+            return
         if not self._shared.limits.allow_message(self.client_ip):
             await self._refuse("rate_limit", "MAIL",
                                f"450 4.7.1 Error: too much mail from {self.client_ip}", sender)
@@ -404,16 +408,19 @@ class RelaySMTP(SMTP):
         self._busy = True
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            received = await self._read_data()
-            if received is None:
-                return  # the client went away
-            blocks, problem = received
-            if problem is None:
-                reply = await self._accept(envelope, blocks)
-            else:
-                await self._refuse(DATA_PROBLEMS[problem], "DATA", problem,
-                                   envelope.mail_from or "", ",".join(envelope.rcpt_tos))
-                reply = ""
+            receiver = DataReceiver(self._settings.max_size, self._shared.inflight)
+            try:
+                if not await self._read_data(receiver):
+                    return  # the client went away
+                problem = receiver.problem
+                if problem is None:
+                    reply = await self._accept(envelope, receiver.blocks)
+                else:
+                    await self._refuse(DATA_PROBLEMS[problem], "DATA", problem,
+                                       envelope.mail_from or "", ",".join(envelope.rcpt_tos))
+                    reply = ""
+            finally:
+                receiver.release()  # stored or dropped: its bytes are no longer held
             self._set_post_data_state()
             if reply:
                 await self.push(reply)
@@ -422,10 +429,10 @@ class RelaySMTP(SMTP):
         if self._shared.closing:
             self._say_goodbye(self._shared.shutting_down)
 
-    async def _read_data(self) -> tuple[list[bytes], str | None] | None:
-        """Read up to `<CRLF>.<CRLF>`: the unstuffed data in blocks of whole lines
-        (index 0 left free for our Received header), or the reply that will
-        reject them; None if the client went away first.
+    async def _read_data(self, receiver: DataReceiver) -> bool:
+        """Read up to `<CRLF>.<CRLF>` into `receiver`: the unstuffed data in
+        blocks of whole lines (index 0 left free for our Received header), or
+        the reply that will reject them; False if the client went away first.
 
         Only CRLF ends a line, so a bare LF or CR stays inside one for
         `_accept` to find, and `\\n.\\r\\n` never ends the data. After a problem
@@ -435,7 +442,6 @@ class RelaySMTP(SMTP):
         """
         reader = self._reader
         clock = self.loop.time
-        receiver = DataReceiver(self._settings.max_size)
         self._in_data = True
         self._data_seen = clock()
         self._reset_timeout(self._settings.data_timeout)
@@ -445,7 +451,7 @@ class RelaySMTP(SMTP):
                 if not chunk:
                     if self.transport is not None:
                         self.transport.close()
-                    return None
+                    return False
                 self._data_seen = clock()
                 end = receiver.feed(chunk)
                 if end >= 0:
@@ -455,7 +461,7 @@ class RelaySMTP(SMTP):
             self._in_data = False
             if self.transport is not None:  # else the session is over: no new timer
                 self._reset_timeout()
-        return receiver.blocks, receiver.problem
+        return True
 
     async def _accept(self, envelope: RelayEnvelope, blocks: list[bytes]) -> str:
         """Check the joined message once, then store it; the reply to the final dot."""

@@ -5,7 +5,8 @@ Owns the one `Shared` object all sessions of all listeners hold, with the
 new config applies to sessions that start after it and never to one half
 way through; a session reads them without a lock or a copy), admitting
 and releasing connections against the limits, counting accepted and rejected
-mail for the metrics, keeping the tasks that must finish before a shutdown
+mail for the metrics, the room left (free space for the queue, memory for
+messages being received, `relay.core.room`), keeping the tasks that must finish before a shutdown
 completes, shielding a commit from a client that hangs up), the stateless
 aiosmtpd handler with the hooks aiosmtpd calls (EHLO, NOOP, RSET, QUIT), and
 the client's IP as text. Refuses the protocol itself (`server.py`), reply
@@ -29,6 +30,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.core.clock import Clock
 from relay.core.config import Config
+from relay.core.room import Budget, FreeSpace
 from relay.queue.rows import NewMessage
 from relay.smtp.limits import ClientLimits
 from relay.smtp.policy import Policy
@@ -143,6 +145,10 @@ class Shared:
         self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
         self.idle = asyncio.Event()
         self.idle.set()
+        self.inflight = Budget(smtp.max_inflight_data)  # DATA held by all sessions
+        path = config.queue.sqlite_path
+        self.free_space = FreeSpace(path.parent if path is not None else None,
+                                    config.queue.min_free_space)
 
     def reconfigure(self, config: Config, policy: Policy,
                     tls_context: ssl.SSLContext | None) -> None:
@@ -153,6 +159,8 @@ class Shared:
         self.limits.max_connections = smtp.max_connections
         self.limits.max_connections_per_ip = smtp.max_connections_per_ip
         self.limits.max_messages_per_minute = smtp.max_messages_per_ip_per_minute
+        self.inflight.limit = smtp.max_inflight_data
+        self.free_space.minimum = config.queue.min_free_space
 
     def reject(self, reason: str) -> None:
         self.stats.rejections[reason] += 1

@@ -7,6 +7,7 @@ import contextlib
 import re
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pytest
 import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from relay.core import config as config_module
 from relay.core.clock import FakeClock
@@ -28,8 +29,9 @@ from relay.queue import db
 from relay.queue.access import Queue
 from relay.queue.rows import NewMessage, QueueError
 from relay.queue.schema import messages, recipients
+from relay.queue.store import Store
 from relay.smtp import server as smtpd
-from relay.smtp.data import LINE_TOO_LONG
+from relay.smtp.data import LINE_TOO_LONG, DataReceiver
 from relay.smtp.listeners import Listeners, start_listeners
 from relay.smtp.policy import Policy
 
@@ -675,13 +677,15 @@ async def test_the_tail_of_an_overlong_line_never_ends_the_data() -> None:
         _settings=SimpleNamespace(max_size=10**6, data_timeout=60.0),
         _in_data=False, _data_seen=0.0, _reset_timeout=lambda *args: None,
     )
-    task = asyncio.create_task(smtpd.RelaySMTP._read_data(stub))  # type: ignore[arg-type]
+    receiver = DataReceiver(10**6)
+    task = asyncio.create_task(smtpd.RelaySMTP._read_data(stub, receiver))  # type: ignore[arg-type]
     reader.feed_data(b"Subject: x\r\n\r\n" + b"w" * 5000 + b".")
     await asyncio.wait_for(reader.drained.wait(), 5)  # consumed; it now waits for more
     assert not task.done()
     reader.feed_data(b"\r\nMAIL FROM:<evil@example>\r\n.\r\n")
     reader.feed_eof()
-    assert await task == ([], LINE_TOO_LONG)
+    assert await task
+    assert (receiver.blocks, receiver.problem) == ([], LINE_TOO_LONG)
     assert await reader.read() == b""  # all of it was data, up to the real end
 
 
@@ -1173,3 +1177,113 @@ async def test_an_idn_domain_is_queued_and_flushed_under_its_a_label(
     assert relay.etrn_calls == ["xn--bcher-kva.test", "xn--bcher-kva.test"]
     assert (await client.cmd("ETRN bü_cher.test")).last == "501 5.5.4 Syntax: ETRN <domain>"
     await client.close()
+
+
+# -- room: the memory shared by messages being received ----------------------------
+
+
+async def held_reaches(relay: Relay, size: int) -> None:
+    """Wait until the sessions together hold at least `size` bytes of DATA."""
+    budget = relay.listeners._shared.inflight
+
+    async def reached() -> None:
+        while budget.used < size:
+            await asyncio.sleep(0)  # one turn of the loop: the sessions read meanwhile
+
+    await asyncio.wait_for(reached(), 10)
+
+
+async def test_a_message_over_the_shared_data_budget_gets_451_and_others_carry_on(
+        start: StartRelay) -> None:
+    relay = await start(smtp={"max_inflight_data": "200KB"})
+    budget = relay.listeners._shared.inflight
+    line = b"x" * 98 + b"\r\n"
+    big = b"Subject: big\r\n\r\n" + line * 1500  # 150 KB held while it arrives
+    other = b"Subject: other\r\n\r\n" + line * 1000  # 100 KB: would not fit beside it
+    first, second = await relay.client(), await relay.client()
+    assert (await first.cmd("MAIL FROM:<a@sender.example>")).code == 250
+    assert (await first.cmd("RCPT TO:<bob@verrotech.com>")).code == 250
+    assert (await first.cmd("DATA")).code == 354
+    await first.send(big)
+    await held_reaches(relay, len(big) - len(line))
+
+    reply = await second.transaction("c@sender.example", ["bob@verrotech.com"], other)
+    assert reply.last == "451 4.3.1 Insufficient system resources"
+    assert budget.used < len(big) + len(line)  # what was kept of it is given back
+    await first.send(b".\r\n")
+    assert (await first.reply()).code == 250  # the first session carried on
+    assert budget.used == 0
+    small = b"Subject: small\r\n\r\n" + line * 400
+    reply = await second.transaction("c@sender.example", ["bob@verrotech.com"], small)
+    assert reply.code == 250  # room again once the first was stored
+    assert (await second.cmd("NOOP")).code == 250  # the session went on all along
+    assert budget.used == 0
+    assert [row.sender for row in relay.rows()] == ["a@sender.example", "c@sender.example"]
+    assert relay.listeners.stats.rejections["inflight_data"] == 1
+    await first.close()
+    await second.close()
+
+
+async def test_a_client_leaving_mid_data_gives_its_bytes_back(start: StartRelay) -> None:
+    relay = await start(smtp={"max_inflight_data": "200KB"})
+    client = await relay.client()
+    assert (await client.cmd("MAIL FROM:<a@sender.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<bob@verrotech.com>")).code == 250
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(b"Subject: gone\r\n\r\n" + b"y" * 98 + b"\r\n" * 1)
+    await held_reaches(relay, 100)
+    await client.close()
+    await asyncio.wait_for(relay.listeners.wait_sessions(), 10)
+    assert relay.listeners._shared.inflight.used == 0
+
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()  # held until the test says so
+db.execute("ROLLBACK")
+"""
+
+
+async def test_a_queue_locked_past_the_busy_timeout_is_451_then_accepts_again(
+        start: StartRelay, tmp_path: Path) -> None:
+    """Another process holds the SQLite write lock longer than SQLite waits
+    (30 s in service, 0.2 s here): the client hears 451 4.3.0, never 250, and
+    once the lock is gone the same session's next message is stored."""
+    engine = db.connect(f"sqlite:///{tmp_path}/locked.db")
+    db.upgrade(engine)
+
+    @event.listens_for(engine, "connect")
+    def _short_wait(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout=200")  # after db.connect's 30000
+
+    engine.dispose()  # connections from now on wait 0.2 s
+    store = Store(Queue(engine))
+    relay = await start(submit=store.put)
+    locker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOCKER, str(tmp_path / "locked.db"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert locker.stdin is not None and locker.stdout is not None
+    try:
+        assert (await locker.stdout.readline()).strip() == b"locked"
+        client = await relay.client()
+        reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+        assert reply.last == "451 4.3.0 Error: queue file write error"
+        locker.stdin.write(b"\n")
+        await locker.stdin.drain()
+        assert await asyncio.wait_for(locker.wait(), 10) == 0
+        reply = await client.transaction("a@sender.example", ["bob@verrotech.com"], BODY)
+        assert reply.code == 250, reply
+        queue_id = reply.last.rsplit(" ", 1)[1]
+        await client.close()
+    finally:
+        if locker.returncode is None:
+            locker.kill()
+            await locker.wait()
+        store.close()
+    with engine.connect() as conn:
+        assert list(conn.execute(select(messages.c.id)).scalars()) == [queue_id]
+    assert relay.listeners.stats.rejections["storage"] == 1
+    engine.dispose()

@@ -310,15 +310,7 @@ class PostgresServer:
             raise RuntimeError(f"initdb failed: {_tail(init.stdout)}")
         for _ in range(5):  # another process may take the free port first
             self.port = free_port()
-            options = " ".join((
-                "-c listen_addresses=127.0.0.1", f"-c port={self.port}",
-                f"-c unix_socket_directories={self.base}",
-                "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
-                "-c max_parallel_workers_per_gather=0",
-            ))
-            started = self._tool("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log),
-                                 "-w", "-t", str(START_TIMEOUT), "-s", "-o", options,
-                                 timeout=START_TIMEOUT + 15)
+            started = self._pg_ctl_start()
             if started.returncode == 0:
                 self._running = True
                 break
@@ -327,6 +319,34 @@ class PostgresServer:
                                    f"log: {self._log_tail()}")
         else:
             raise RuntimeError(f"pg_ctl start: no free port; log: {self._log_tail()}")
+        self._wait_ready()
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        options = " ".join((
+            "-c listen_addresses=127.0.0.1", f"-c port={self.port}",
+            f"-c unix_socket_directories={self.base}",
+            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+            "-c max_parallel_workers_per_gather=0",
+        ))
+        return self._tool("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log),
+                          "-w", "-t", str(START_TIMEOUT), "-s", "-o", options,
+                          timeout=START_TIMEOUT + 15)
+
+    def halt(self) -> None:
+        """Stop the server as an outage would, keeping its files and port for `resume()`."""
+        stopped = self._tool("pg_ctl", "stop", "-D", str(self.data), "-m", "fast",
+                             "-w", "-t", "20", "-s", timeout=30)
+        if stopped.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {_tail(stopped.stdout)}")
+        self._running = False
+
+    def resume(self) -> None:
+        """Start a halted server again, on the same port with the same data."""
+        started = self._pg_ctl_start()
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {_tail(started.stdout)} "
+                               f"log: {self._log_tail()}")
+        self._running = True
         self._wait_ready()
 
     def _wait_ready(self) -> None:

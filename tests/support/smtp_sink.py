@@ -305,7 +305,7 @@ class Sink:
     * ``disconnect_on = "MAIL" | "RCPT" | "DATA" | "EHLO"``: close the
       connection instead of answering that command (for DATA: after the data);
     * ``stall_on``: the same verbs, but the connection stays open, unanswered;
-    * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises.
+    * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises;
 
     Constructor options: ``tls`` (True for a trustme certificate signed by
     `sink_ca()`, or an `ssl.SSLContext`) enables STARTTLS; ``smtputf8``

@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP
 from relay.core import config as config_module
 from relay.core.clock import FakeClock
 from relay.smtp import server as smtpd
+from relay.smtp.data import DataReceiver
 from relay.smtp.policy import Policy
 
 # -- session setup ---------------------------------------------------------------
@@ -118,13 +119,15 @@ async def settle() -> None:
 
 
 async def read_data(session: SimpleNamespace, pieces: list[bytes]) -> Any:
-    """Feed `pieces` one read at a time; `_read_data`'s answer."""
+    """Feed `pieces` one read at a time; the blocks and problem `_read_data`
+    left in its receiver, or None if the client went away."""
     read: Callable[..., Any] = smtpd.RelaySMTP._read_data
-    task = asyncio.create_task(read(session))
+    receiver = DataReceiver(session._settings.max_size)
+    task = asyncio.create_task(read(session, receiver))
     for piece in pieces:
         session._reader.feed_data(piece)
         await settle()
-    return await task
+    return (receiver.blocks, receiver.problem) if await task else None
 
 
 async def rest_of(reader: asyncio.StreamReader) -> bytes:
@@ -171,8 +174,7 @@ async def test_pipelined_commands_after_the_dot_stay_in_order() -> None:
 
 async def test_a_client_leaving_mid_data_gets_nothing() -> None:
     session = data_session()
-    task = asyncio.create_task(smtpd.RelaySMTP._read_data(session))  # type: ignore[arg-type]
-    session._reader.feed_data(b"Subject: half\r\n\r\nand then")
+    task = asyncio.create_task(read_data(session, [b"Subject: half\r\n\r\nand then"]))
     await settle()
     session._reader.feed_eof()
     assert await task is None
@@ -191,7 +193,7 @@ async def test_the_size_limit_is_inclusive(max_size: int, problem: str | None) -
 
 async def test_every_read_counts_as_activity_for_the_data_timeout() -> None:
     session = data_session()
-    task = asyncio.create_task(smtpd.RelaySMTP._read_data(session))  # type: ignore[arg-type]
+    task = asyncio.create_task(read_data(session, []))
     await settle()
     assert session._in_data and session._data_seen == 1.0
     for tick, piece in enumerate([b"no line end yet", b" still none", b"\r\n"], start=2):
