@@ -32,3 +32,11 @@ class FakeClock:
 
     def set(self, when: datetime) -> None:
         self._now = when
+
+
+def iso(when: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a `Z`, to the second, as every JSON output shows
+    times; None stays None (JSON null)."""
+    if when is None:
+        return None
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

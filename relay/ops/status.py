@@ -6,23 +6,24 @@ every destination that has queued mail or is down (up or not, since when, its
 last reply, its next probe, its messages) and the nodes sharing the queue;
 and its two forms, a JSON object and a short table read at a glance. Refuses
 to write anything and to ask a running relay: everything here is in the
-database, so it reads the same from any host that reaches it. There is no
-node registry yet, so `nodes` is empty: the lease owners of running attempts
-name only a host, not a process, and idle nodes hold none.
+database, so it reads the same from any host that reaches it. `nodes` is the
+node registry as `relay nodes --json` shows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from relay.core.clock import iso
 from relay.core.destination import State
 from relay.core.maillog import span
 from relay.core.model import MessageState
 
 if TYPE_CHECKING:
+    from relay.queue.nodes import NodeView
     from relay.queue.views import Views
 
 LAST_REPLY_WIDTH = 60  # the table cuts longer replies; JSON has them whole
@@ -52,6 +53,7 @@ class Status:
     now: datetime
     destinations: Sequence[DestinationStatus]
     nodes: Sequence[Mapping[str, Any]] = ()
+    nodes_up: int = 0  # of `nodes`, those seen within one lease
 
     @property
     def total(self) -> int:
@@ -64,7 +66,15 @@ class Status:
         return max(0, int((self.now - self.oldest_received_at).total_seconds()))
 
 
-def gather(queue: Views, url: str, revision: str | None, now: datetime) -> Status:
+def node_json(node: NodeView) -> dict[str, Any]:
+    """One node as `relay nodes --json` and `relay status --json` show it (SPEC)."""
+    return {"id": node.id, "hostname": node.hostname, "pid": node.pid,
+            "started_at": iso(node.started_at), "last_seen_at": iso(node.last_seen_at),
+            "active_deliveries": node.active_deliveries}
+
+
+def gather(queue: Views, url: str, revision: str | None, now: datetime,
+           nodes: Sequence[NodeView] = ()) -> Status:
     """Read the status through the queue's views (a few small reads, none a scan)."""
     by_destination = queue.counts_by_destination()
     rows = {row.name: row for row in queue.destination_rows()}
@@ -85,11 +95,9 @@ def gather(queue: Views, url: str, revision: str | None, now: datetime) -> Statu
     found.sort(key=lambda d: (d.up, -d.messages, d.destination))
     counts = queue.counts()
     by_state = {s.value: counts.get(s.value, 0) for s in MessageState}
-    return Status(url, revision, by_state, queue.oldest_received_at(), now, found)
-
-
-def iso(when: datetime | None) -> str | None:
-    return None if when is None else when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Status(url, revision, by_state, queue.oldest_received_at(), now, found,
+                  [node_json(n) for n in nodes],
+                  sum(1 for n in nodes if n.alive_until >= now))
 
 
 def as_json(status: Status) -> dict[str, Any]:
@@ -135,8 +143,9 @@ def as_text(status: Status) -> str:
         lines.append(_table(status, status.destinations[:TABLE_ROWS]))
         if (more := len(status.destinations) - TABLE_ROWS) > 0:
             lines.append(f"  ... and {more} more (relay status --json lists every one)")
-    lines.append("nodes:        not tracked yet (no node registry)" if not status.nodes
-                 else f"nodes:        {len(status.nodes)}")
+    lines.append("nodes:        none seen lately" if not status.nodes else
+                 f"nodes:        {status.nodes_up} up of {len(status.nodes)} seen lately "
+                 "(relay nodes lists them)")
     return "\n".join(lines)
 
 

@@ -82,4 +82,5 @@ def test_an_uninitialised_database_is_one_line(tmp_path: Path) -> None:
     path.write_text(f'[queue]\nurl = "sqlite:///{tmp_path}/none.db"\n')
     result = run("nodes", "-c", str(path))
     assert result.exit_code == 1
-    assert result.stderr.strip() == "relay: database not initialised: run relay db upgrade"
+    assert result.stderr.strip() == (
+        f"relay: database not initialised: run relay db upgrade (queue: {tmp_path}/none.db)")

@@ -20,13 +20,12 @@ from relay.core.clock import FakeClock
 from relay.core.destination import AttemptOutcome
 from relay.core.model import Outcome, RecipientStatus
 from relay.ops.cli import queue_select
-from relay.ops.cli.main import main_group
-from relay.ops.cli.queue import queue_group
+from relay.ops.cli.main import command_tree, main_group
 from relay.queue.access import Queue
 from relay.queue.rows import Attempt, DestinationUpdate, NewMessage, RecipientUpdate, Selector
 from relay.queue.schema import recipients
 
-main_group.add_command(queue_group, "queue")  # what relay.ops.cli.main.main() does
+command_tree()  # every command group, as relay.ops.cli.main.main() builds them
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=2)

@@ -22,13 +22,13 @@ from relay.core.destination import AttemptOutcome
 from relay.core.model import Outcome, RecipientStatus
 from relay.delivery import outcomes
 from relay.ops.cli import queue_select, queue_verbs, queue_views
-from relay.ops.cli.main import main_group
-from relay.ops.cli.queue import queue_group, valid_domain
+from relay.ops.cli.main import command_tree, main_group
+from relay.ops.cli.queue import valid_domain
 from relay.queue import db
 from relay.queue.access import Queue
 from relay.queue.rows import Attempt, DestinationUpdate, NewMessage, RecipientUpdate, Selector
 
-main_group.add_command(queue_group, "queue")  # what relay.ops.cli.main.main() does
+command_tree()  # every command group, as relay.ops.cli.main.main() builds them
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=2)
@@ -658,8 +658,8 @@ def test_database_not_initialised(tmp_path: Path) -> None:
     for config in (empty_dir, empty_file):
         for args in ALL_COMMANDS:
             result = run("queue", *args, "-c", str(config))
-            assert one_error_line(result) == (
-                "relay: database not initialised: run relay db upgrade"), args
+            assert one_error_line(result).startswith(
+                "relay: database not initialised: run relay db upgrade (queue: /"), args
     assert not (tmp_path / "new" / "queue.db").exists()  # nothing created by looking
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from relay.ops.cli import queue_select
 from relay.queue.access import Queue
+from relay.queue.nodes import Node
 from relay.queue.rows import Selector
 from tests.component.test_cli_operator import NOW, T0, fail_site, msg, run, write_config
 
@@ -70,7 +71,7 @@ def test_json_has_the_spec_shape_and_the_down_destination(busy: Queue, cfg: Path
     assert data["queue"]["total"] == 3
     assert data["queue"]["oldest_age_seconds"] == int((NOW - T0).total_seconds())
     assert data["queue"]["revision"] == queue_select.shipped_head()
-    assert data["nodes"] == []
+    assert data["nodes"] == []  # no relay serve has run on this queue
     for d in data["destinations"]:
         assert set(d) >= DESTINATION_KEYS
         for key in ("since", "next_probe_at"):
@@ -135,7 +136,7 @@ def test_an_uninitialised_database_is_one_line(tmp_path: Path) -> None:
     cfg.write_text(f'[queue]\nurl = "sqlite:///{tmp_path}/none.db"\n')
     result = run("status", "-c", str(cfg))
     assert (result.exit_code, result.stderr) == (
-        1, "relay: database not initialised: run relay db upgrade\n")
+        1, f"relay: database not initialised: run relay db upgrade (queue: {tmp_path}/none.db)\n")
 
 
 def test_status_help_loads_no_database_library() -> None:
@@ -159,3 +160,19 @@ def test_the_table_stays_short_with_many_destinations(queue: Queue, cfg: Path) -
     assert len([line for line in lines if re.match(r"^  d\d\d\.example ", line)]) == 20
     assert "  ... and 5 more (relay status --json lists every one)" in lines
     assert len(status_json(cfg)["destinations"]) == 25
+
+
+def test_nodes_are_the_registry_as_relay_nodes_shows_it(busy: Queue, cfg: Path) -> None:
+    """`nodes` in `relay status --json` is `relay nodes --json`; the text form
+    counts the nodes up (seen within one lease) among those seen lately."""
+    up = Node("mx1.example/4242/aa", "mx1.example", 4242, T0)
+    gone = Node("mx2.example/77/bb", "mx2.example", 77, T0)
+    busy.heartbeat(up, NOW - timedelta(seconds=5), alive_until=NOW + timedelta(minutes=2))
+    busy.heartbeat(gone, NOW - timedelta(hours=1), alive_until=NOW - timedelta(minutes=58))
+    nodes = run("nodes", "--json", "-c", str(cfg))
+    assert nodes.exit_code == 0, nodes.stderr
+    listed = json.loads(nodes.stdout)
+    assert sorted(n["id"] for n in listed) == sorted([gone.id, up.id])
+    assert status_json(cfg)["nodes"] == listed
+    text = run("status", "-c", str(cfg)).stdout
+    assert "nodes:        1 up of 2 seen lately" in text

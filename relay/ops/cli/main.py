@@ -107,15 +107,18 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_context
 def status_command(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     """The queue, the destinations that are down or have mail, the nodes, at a glance."""
+    from datetime import timedelta
+
     from relay.ops import status
     from relay.ops.cli import queue_select as sel
     from relay.ops.cli.queue_views import echo_json
 
-    _, queue = sel.open_queue(ctx, config_path)
+    cfg, queue = sel.open_queue(ctx, config_path)
     with sel.guarded():
         url = queue.engine.url.render_as_string(hide_password=True)
         now = sel.clock.now()
-        found = status.gather(queue, url, sel.stored_revision(queue.engine), now)
+        seen = queue.nodes(now - timedelta(seconds=cfg.queue.log_retention))
+        found = status.gather(queue, url, sel.stored_revision(queue.engine), now, seen)
         if as_json:
             echo_json(status.as_json(found))
         else:

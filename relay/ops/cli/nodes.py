@@ -17,6 +17,7 @@ from relay.ops.cli import queue_select
 from relay.ops.cli.common import config_option
 from relay.ops.cli.queue_select import guarded, open_queue
 from relay.ops.cli.queue_views import echo_json, iso
+from relay.ops.status import node_json
 
 
 @click.command("nodes")
@@ -30,11 +31,7 @@ def nodes_command(ctx: click.Context, config_path: str | None, as_json: bool) ->
     with guarded():
         seen = queue.nodes(now - timedelta(seconds=cfg.queue.log_retention))
     if as_json:
-        echo_json([
-            {"id": n.id, "hostname": n.hostname, "pid": n.pid, "started_at": iso(n.started_at),
-             "last_seen_at": iso(n.last_seen_at), "active_deliveries": n.active_deliveries}
-            for n in seen
-        ])
+        echo_json([node_json(n) for n in seen])
         return
     if not seen:
         click.echo("no node has run on this queue lately")

@@ -96,11 +96,11 @@ def guarded() -> Iterator[None]:
             pass
         sys.exit(1)
     except DatabaseError as exc:
-        fail(str(exc))
+        fail(f"{exc}{_where()}")
     except QueueError as exc:
-        fail(f"queue error: {exc}")
+        fail(f"queue error: {exc}{_where()}")
     except SQLAlchemyError as exc:
-        fail(f"database error: {one_line(exc)}")
+        fail(f"database error: {one_line(exc)}{_where()}")
     except OSError as exc:
         fail(f"{exc.strerror or exc}")
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -109,9 +109,21 @@ def guarded() -> Iterator[None]:
         fail(f"unexpected error: {type(exc).__name__}: {one_line(exc)}")
 
 
+def _where() -> str:
+    """` (queue: LOCATION)` once the command knows its queue: every database
+    error names which database it is about."""
+    ctx = click.get_current_context(silent=True)
+    location = ctx.meta.get(QUEUE_LOCATION) if ctx is not None else None
+    return f" (queue: {location})" if location else ""
+
+
+QUEUE_LOCATION = "relay.queue_location"  # click context meta key
+
+
 def open_queue(ctx: click.Context, config_path: str | None) -> tuple[Config, Queue]:
     """Config, then a Queue on a database at head revision, or one line and exit 1."""
     cfg = load_config(ctx, config_path)
+    ctx.meta[QUEUE_LOCATION] = cfg.queue.location
     with guarded():
         from relay.queue import db
         from relay.queue.access import Queue
@@ -129,13 +141,13 @@ def _check_schema(engine: Engine) -> None:
     # Never create an empty SQLite file from a command that only reads or edits rows.
     database = url.database if url.get_backend_name() == "sqlite" else None
     if database and database != ":memory:" and not Path(database).exists():
-        fail("database not initialised: run relay db upgrade")
+        fail(f"database not initialised: run relay db upgrade{_where()}")
     head = shipped_head()
     if head is not None and stored_revision(engine) == head:
         return  # the usual case, without loading Alembic (a fifth of a command's time)
     rev = db.revision(engine)
     if rev.current is None:
-        fail("database not initialised: run relay db upgrade")
+        fail(f"database not initialised: run relay db upgrade{_where()}")
     if rev.current != rev.head:
         fail(
             f"database schema is at revision {rev.current}, this relay needs {rev.head}: "

@@ -15,18 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from relay.core.clock import iso
 from relay.core.maillog import span
 from relay.core.model import MessageState
 
 if TYPE_CHECKING:
     from relay.queue.rows import MessageView
-
-
-def iso(when: datetime | None) -> str | None:
-    """ISO 8601 in UTC with a `Z`, to the second; None stays None (JSON null)."""
-    if when is None:
-        return None
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def human_time(when: datetime) -> str:
