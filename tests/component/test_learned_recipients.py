@@ -27,6 +27,7 @@ from relay.queue.access import Queue
 from relay.queue.rows import Attempt, NewMessage, RecipientUpdate, Recorded
 from tests.component.test_reload import hangup
 from tests.support.deployment import merge, to_toml
+from tests.support.log_lines import LogLines, capturing
 from tests.support.relay_process import free_port
 from tests.support.smtp_sink import Sink
 
@@ -40,47 +41,14 @@ UNVERIFIED = "450 4.1.1 <{}>: Recipient address rejected: unverified address"
 # -- a relay in this process ---------------------------------------------------------
 
 
-class VerifyLog(logging.Handler):
-    """Lines of `relay.smtp.verify`, waking whoever waits for one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.loop = asyncio.get_running_loop()
-        self.lines: list[str] = []
-        self.changed = asyncio.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.loop.call_soon_threadsafe(self._add, record.getMessage())
-
-    def _add(self, line: str) -> None:
-        self.lines.append(line)
-
-        async def notify() -> None:
-            async with self.changed:
-                self.changed.notify_all()
-
-        self.loop.create_task(notify())
-
-    async def wait(self, predicate: Callable[[], bool]) -> None:
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(predicate), DEADLINE)
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
 
 
 @pytest.fixture
-async def verify_log() -> AsyncIterator[VerifyLog]:
-    handler = VerifyLog()
-    logger = logging.getLogger("relay.smtp.verify")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+async def verify_log() -> AsyncIterator[LogLines]:
+    """Lines of `relay.smtp.verify`."""
+    async with capturing(LogLines(deadline=DEADLINE), "relay.smtp.verify",
+                         logging.DEBUG) as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture
@@ -197,7 +165,7 @@ def scrape(port: int) -> str:
 
 
 async def test_a_delivery_teaches_which_recipients_the_next_hop_refuses_and_accepts(
-    relays: Callable[..., Any], sink: Sink, verify_log: VerifyLog,
+    relays: Callable[..., Any], sink: Sink, verify_log: LogLines,
 ) -> None:
     metrics_port = free_port("127.0.0.1")
     relay = await relays("a", sink, metrics={"listen": f"127.0.0.1:{metrics_port}"})
@@ -224,7 +192,7 @@ async def test_a_delivery_teaches_which_recipients_the_next_hop_refuses_and_acce
 
 
 async def test_what_was_learned_survives_a_restart_and_unknown_may_be_tempfailed(
-    relays: Callable[..., Any], sink: Sink, verify_log: VerifyLog, tmp_path: Path,
+    relays: Callable[..., Any], sink: Sink, verify_log: LogLines, tmp_path: Path,
 ) -> None:
     first = await relays("a", sink)
     await send(first.port, "ann@company.example", "bob@company.example", "cy@company.example")
@@ -249,7 +217,7 @@ async def test_what_was_learned_survives_a_restart_and_unknown_may_be_tempfailed
 
 
 async def test_a_static_list_decides_instead_of_what_was_learned(
-    relays: Callable[..., Any], sink: Sink, verify_log: VerifyLog,
+    relays: Callable[..., Any], sink: Sink, verify_log: LogLines,
 ) -> None:
     relay = await relays("a", sink)
     await send(relay.port, "bob@company.example")
@@ -261,7 +229,7 @@ async def test_a_static_list_decides_instead_of_what_was_learned(
 
 
 async def test_a_reload_that_turns_verify_on_takes_what_the_queue_knows(
-    relays: Callable[..., Any], sink: Sink, verify_log: VerifyLog, tmp_path: Path,
+    relays: Callable[..., Any], sink: Sink, verify_log: LogLines, tmp_path: Path,
 ) -> None:
     relay = await relays("a", sink, domains={DOMAIN: {"verify": "off"}})
     engine = db.connect(f"sqlite:///{tmp_path}/queue.db")
@@ -286,7 +254,7 @@ async def test_a_reload_that_turns_verify_on_takes_what_the_queue_knows(
 
 @pytest.mark.postgresql
 async def test_two_relays_on_one_postgresql_queue_share_what_one_learned(
-    relays: Callable[..., Any], sink: Sink, verify_log: VerifyLog, postgres_db_url: str,
+    relays: Callable[..., Any], sink: Sink, verify_log: LogLines, postgres_db_url: str,
 ) -> None:
     queue = {"url": postgres_db_url}
     teacher = await relays("a", sink, queue=queue)

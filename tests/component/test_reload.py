@@ -22,6 +22,7 @@ import trustme
 from relay import service
 from relay.core import config as configuration
 from tests.support.deployment import merge, to_toml
+from tests.support.log_lines import LogLines, capturing
 from tests.support.relay_process import free_port
 from tests.support.smtp_sink import Sink, closed_port, sink_ca
 
@@ -30,34 +31,16 @@ DEADLINE = 10.0
 BODY = b"Subject: reload\r\n\r\nHello.\r\n.\r\n"
 
 
-class ReloadLog(logging.Handler):
-    """Counts reloads as `relay serve` logs them, waking whoever waits."""
+class ReloadLog(LogLines):
+    """`relay.service`'s lines; `done` counts reloads, applied or refused."""
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.loop = asyncio.get_running_loop()
-        self.done = 0
-        self.changed = asyncio.Condition()
-        self.lines: list[str] = []
+    @property
+    def done(self) -> int:
+        return sum(1 for text in self.lines if text.startswith("reloaded ")
+                   or (text.startswith("reload of ") and "refused" in text))
 
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        self.lines.append(text)
-        if text.startswith("reloaded ") or (text.startswith("reload of ") and "refused" in text):
-            self.loop.call_soon_threadsafe(self._count)
-
-    def _count(self) -> None:
-        self.done += 1
-
-        async def notify() -> None:
-            async with self.changed:
-                self.changed.notify_all()
-
-        self.loop.create_task(notify())
-
-    async def wait(self, count: int) -> None:
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: self.done >= count), DEADLINE)
+    async def wait_reloads(self, count: int) -> None:
+        await self.wait(lambda: self.done >= count)
 
 
 class Client:
@@ -118,16 +101,9 @@ class Served:
 
 @pytest.fixture
 async def reloads() -> AsyncIterator[ReloadLog]:
-    handler = ReloadLog()
-    logger = logging.getLogger("relay.service")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    async with capturing(ReloadLog(logging.INFO, DEADLINE), "relay.service",
+                         logging.INFO) as handler:
         yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture
@@ -170,7 +146,7 @@ async def test_a_session_open_across_a_reload_keeps_working_and_new_ones_take_th
 
     relay.rewrite(domains={"new.example": {}}, smtp={"max_message_size": "5MB"})
     hangup()
-    await reloads.wait(1)
+    await reloads.wait_reloads(1)
     assert any(line.startswith(f"reloaded {relay.path}: changed smtp, domains")
                for line in reloads.lines), reloads.lines
 
@@ -199,7 +175,7 @@ async def test_a_config_that_does_not_validate_is_refused_and_the_old_one_stays(
                           + '\n[domains."new.example"]\nrecipients_file = "missing.txt"\n'
                           + "[log]\nlevel = \"loud\"\n")
     hangup()
-    await reloads.wait(1)
+    await reloads.wait_reloads(1)
     assert f"reload refused: {relay.path}: log.level: Input should be 'debug', 'info', " \
            "'warning' or 'error'" in reloads.lines
     assert f"reload of {relay.path} refused (1 problem): the config in force stays" \
@@ -214,7 +190,7 @@ async def test_a_config_that_does_not_validate_is_refused_and_the_old_one_stays(
 
     relay.path.write_text(relay.path.read_text().replace('"loud"', '"info"'))
     hangup()
-    await reloads.wait(2)
+    await reloads.wait_reloads(2)
     assert f"reload refused: {relay.path}: domains.new.example.recipients_file: " \
            f"file not found: missing.txt (resolved to {relay.path.parent}/missing.txt)" \
            in reloads.lines
@@ -228,7 +204,7 @@ async def test_a_changed_listen_address_needs_a_restart_and_the_rest_applies(
     relay.rewrite(smtp={"listen": [f"127.0.0.1:{moved}"]}, node={"hostname": "other.example"},
                   domains={"new.example": {}})
     hangup()
-    await reloads.wait(1)
+    await reloads.wait_reloads(1)
     assert (f"reload: smtp.listen, node.hostname: changed in {relay.path}, needs a restart; "
             "running on with the values it started with") in reloads.lines
     client = await Client.connect(relay.port)  # the old address, the old name
@@ -259,7 +235,7 @@ async def test_a_reload_reads_a_renewed_certificate_and_refuses_a_broken_one(
                                                  "tls_key": "cert.pem"}))
     write_cert(renewed, tmp_path / "cert.pem")
     hangup()
-    await reloads.wait(1)
+    await reloads.wait_reloads(1)
     client = await Client.connect(relay.port)
     await client.cmd("EHLO client.example")
     await client.starttls(trusting(renewed))  # verifies only against the renewed CA
@@ -268,7 +244,7 @@ async def test_a_reload_reads_a_renewed_certificate_and_refuses_a_broken_one(
 
     (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nnot one\n")
     hangup()
-    await reloads.wait(2)
+    await reloads.wait_reloads(2)
     assert any(line.startswith(f"reload refused: {relay.path}: smtp.tls_cert: cannot load ")
                for line in reloads.lines), reloads.lines
     client = await Client.connect(relay.port)  # the renewed certificate stays in use
@@ -295,7 +271,7 @@ async def test_next_attempts_follow_a_reloaded_next_hop(
 
     relay.rewrite(domains={"old.example": {"next_hop": f"127.0.0.1:{sink.port}"}})
     hangup()
-    await reloads.wait(1)
+    await reloads.wait_reloads(1)
     [message] = await sink.await_messages(1, timeout=DEADLINE)
     assert message.recipients == ("alice@old.example",)
 
@@ -346,13 +322,13 @@ async def test_a_reloaded_ca_file_is_what_verify_trusts_next(
 
         sink_ca().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
         hangup()
-        await reloads.wait(1)
+        await reloads.wait_reloads(1)
         [message] = await sink.await_messages(1, timeout=DEADLINE)
         assert message.tls and message.recipients == ("alice@old.example",)
 
         (tmp_path / "ca.pem").write_text("not a certificate\n")
         hangup()
-        await reloads.wait(2)
+        await reloads.wait_reloads(2)
         assert any(line.startswith(f"reload refused: {relay.path}: delivery.tls_ca_file: "
                                    f"cannot load {tmp_path / 'ca.pem'}: ")
                    for line in reloads.lines), reloads.lines
