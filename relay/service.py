@@ -6,7 +6,9 @@ address and the cause) and the scheduler, stop on SIGTERM/SIGINT by closing
 the listeners first, letting in-flight deliveries finish (or putting them
 back), flushing the last commits and exiting 0; a second signal during all
 that stops at once (exit 1). SIGHUP re-reads the config (`relay.reload`) and
-hands each running part its new settings through `_prepare_reload`. Refuses
+hands each running part its new settings through `_prepare_reload`. Started
+as root with `node.user` set, it drops to that user once its sockets are bound
+and its queue is open (`relay.core.privileges`). Refuses
 business logic: each part lives in its own module.
 """
 
@@ -28,7 +30,7 @@ from sqlalchemy import Engine
 from relay.cluster import notify
 from relay.cluster.nodes import Heartbeat, this_node
 from relay.core import config as configuration
-from relay.core import maillog
+from relay.core import maillog, privileges
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config, ConfigError
 from relay.core.oserror import ListenError, cause
@@ -169,6 +171,22 @@ class _Peers:
         self.resolver.see_peers(hostnames, addresses)
 
 
+def _queue_files(config: Config, *, created_directory: bool) -> list[str]:
+    """What `node.user` must own to keep the SQLite queue working: the database,
+    its -wal and -shm, the wake-up socket, and the directory when we made it
+    (SQLite creates and deletes -wal and -shm in it). None for PostgreSQL."""
+    database = config.queue.sqlite_path
+    if database is None:
+        return []
+    files = [str(database), f"{database}-wal", f"{database}-shm"]
+    wake = notify.sqlite_address(str(database))
+    if wake is not None and not wake.startswith("\0"):  # abstract sockets are no file
+        files.append(wake)
+    if created_directory:
+        files.append(str(database.parent))
+    return files
+
+
 def _destination_back(engine: Engine, name: str) -> None:
     """Our probe found `name` answering and unparked its mail: wake every node
     sharing the queue, so all of them drain it now (SQLite has one node)."""
@@ -225,6 +243,8 @@ async def serve(
     with contextlib.suppress(RuntimeError, ValueError):  # not the main thread
         loop.add_signal_handler(signal.SIGHUP, reloader.request)
 
+    database = config.queue.sqlite_path
+    created = database is not None and not database.parent.exists()
     engine = db.connect(config.queue.url, background_checkpoints=True)
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
@@ -310,6 +330,8 @@ async def serve(
             raise ListenError("metrics", str(config.metrics.address), exc) from exc
     wakeups = notify.listener(engine, scheduler.wake)  # a flush by `relay queue` wakes us
     wakeups.start(asyncio.get_running_loop())
+    if config.node.user:  # everything root was needed for is open now
+        privileges.drop(config.node.user, _queue_files(config, created_directory=created))
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     known_task = asyncio.create_task(known.run(read_known, known_refresh), name="known-recipients")
     heartbeat_task = asyncio.create_task(heartbeat.run(), name="heartbeat")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -61,6 +62,20 @@ class NodeConfig(_Section):
     addresses: tuple[str, ...] = ()
     """Extra IP addresses that are "me" for MX loop avoidance (NAT, proxies); the listen IPs always
     count."""
+    user: str = ""
+    """Started as root, `relay serve` drops to this user (its uid, gid and groups only) after
+    binding its sockets and opening its queue, whose files it hands to that user; ignored with a
+    warning when not started as root. A user that does not exist refuses the start."""
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if value:
+            try:
+                pwd.getpwnam(value)
+            except KeyError:
+                raise ValueError(f"no such user {value!r}") from None
+        return value
 
     @field_validator("addresses")
     @classmethod

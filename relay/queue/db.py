@@ -11,6 +11,7 @@ the cause. Refuses to know any table's contents: that is the queue's parts
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -216,10 +217,26 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
                 ) from None
         engine = create_engine(parsed, pool_size=8, max_overflow=8)
         _sqlite_setup(engine, background_checkpoints)
+        if parsed.database and parsed.database != ":memory:":
+            _create_private_on_connect(engine, location(parsed))
         return engine
     engine = create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
     _postgresql_setup(engine)
     return engine
+
+
+def _create_private_on_connect(engine: Engine, path: str) -> None:
+    """A new queue file is made 0600 just before SQLite would create it (it would
+    otherwise follow the umask): the mail in it is nobody else's. SQLite gives
+    -wal and -shm the database file's mode; an existing file keeps its mode.
+    At the first connection, not in `connect`, so merely opening an engine
+    (as `relay queue` does before finding no database) creates nothing."""
+
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        # there already; or SQLite's own open names the problem (`_failure`)
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def checkpoints_left_to_caller(engine: Engine) -> bool:
