@@ -24,7 +24,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -35,10 +35,23 @@ from relay.queue.rows import NewMessage
 from relay.smtp.limits import ClientLimits
 from relay.smtp.policy import Policy
 
-if TYPE_CHECKING:
-    from relay.smtp.server import RelaySMTP
-
 log = logging.getLogger("relay.smtp.server")
+
+
+class Connection(Protocol):
+    """What the shared state needs of one session (`server.RelaySMTP` is one):
+    its client, whether it was admitted, its task, and how to end it."""
+
+    client_ip: str
+    admitted: bool
+    handler_task: asyncio.Task[None] | None
+    transport: asyncio.BaseTransport | None
+
+    def shutdown(self) -> None: ...
+
+    def stop_receiving(self) -> None: ...
+
+    def ehlo_lines(self) -> list[str]: ...
 
 Submit = Callable[[NewMessage], Awaitable[None]]
 OnEtrn = Callable[[str], Awaitable[object]]
@@ -139,7 +152,7 @@ class Shared:
         self.stats = SmtpStats()
         self.metrics = metrics
         self.closing = False
-        self.protocols: set[RelaySMTP] = set()  # every live connection, refused ones too
+        self.protocols: set[Connection] = set()  # every live connection, refused ones too
         self.limits = ClientLimits(smtp.max_connections, smtp.max_connections_per_ip,
                                    smtp.max_messages_per_ip_per_minute, clock)
         self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
@@ -172,7 +185,7 @@ class Shared:
         if self.metrics is not None:
             self.metrics.accepted()
 
-    def admit(self, proto: RelaySMTP) -> str | None:
+    def admit(self, proto: Connection) -> str | None:
         """Count a new connection in, or return the 421 greeting that refuses it."""
         self.protocols.add(proto)
         self.idle.clear()
@@ -187,7 +200,7 @@ class Shared:
             self.metrics.session_started()
         return None
 
-    def release(self, proto: RelaySMTP) -> None:
+    def release(self, proto: Connection) -> None:
         """Forget a closed connection (safe to call twice)."""
         if proto not in self.protocols:
             return
@@ -241,7 +254,7 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname  # the "new" hook form leaves this to us
-        return cast("RelaySMTP", server).ehlo_lines()
+        return cast(Connection, server).ehlo_lines()
 
     async def handle_NOOP(self, server: SMTP, session: Session, envelope: Envelope,
                           arg: str) -> str:
