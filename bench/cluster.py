@@ -16,6 +16,8 @@ next hop (127.0.0.43, down while accepting). Then:
 - CPU µs per message of the relay processes and of the PostgreSQL processes
   (utime+stime from /proc, before and after, the postmaster's exited children
   included; the sampler's own backend excluded);
+- write transactions and WAL bytes per message (next-xid and WAL-position
+  deltas, read on our own connection);
 - lock waits during accept: `pg_stat_activity` (backends waiting, by
   wait_event_type:wait_event) and `pg_locks` (ungranted locks), sampled every
   0.1 s by one connection of our own.
@@ -135,21 +137,34 @@ class LockSampler:
         self.max_ungranted = 0
         self.events: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # one connection, two threads
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY):
-            waiting = self.conn.execute(
-                "SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND state = 'active' AND wait_event_type IN ('Lock', 'LWLock')").fetchall()
-            row = self.conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
+            with self._lock:
+                waiting = self.conn.execute(
+                    "SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND state = 'active' AND wait_event_type IN ('Lock', 'LWLock')").fetchall()
+                row = self.conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
             ungranted = int(row[0]) if row else 0
             self.samples += 1
             self.with_wait += bool(waiting or ungranted)
             self.max_waiting = max(self.max_waiting, len(waiting))
             self.max_ungranted = max(self.max_ungranted, ungranted)
             self.events.update(str(w[0]) for w in waiting)
+
+    def position(self) -> tuple[int, int]:
+        """(next transaction id, WAL position in bytes): their deltas count write
+        transactions (commits that wrote) and WAL bytes; no stats-collector delay."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint, "
+                "pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint").fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
 
     def __enter__(self) -> LockSampler:
         self._thread.start()
@@ -175,6 +190,10 @@ class Result:
     pg_us_accept: float = 0.0
     relay_us_drain: float = 0.0
     pg_us_drain: float = 0.0
+    xacts_accept: float = 0.0  # write transactions per message
+    wal_accept: float = 0.0  # WAL bytes per message
+    xacts_drain: float = 0.0
+    wal_drain: float = 0.0
     locks: str = ""
     lock_counts: dict[str, Any] = field(default_factory=dict)
 
@@ -232,12 +251,16 @@ def run(pg: PgServer, work: Path, count: int, messages: int) -> Result:
         settle(WARMUP)
         os.sync()
         with LockSampler(url) as sampler:
+            xid0, wal0 = sampler.position()
             relay0 = sum(n.cpu() for n in nodes)
             pg0 = postgres_cpu(postmaster, sampler.backend)
             seconds = smtp_source(nodes, messages)
             settle(WARMUP + messages)  # the deferrals after the failed first attempts too
             relay1 = sum(n.cpu() for n in nodes)
             pg1 = postgres_cpu(postmaster, sampler.backend)
+            xid1, wal1 = sampler.position()
+        result.xacts_accept = (xid1 - xid0) / messages
+        result.wal_accept = (wal1 - wal0) / messages
         result.accept = messages / seconds
         result.relay_us_accept = (relay1 - relay0) / messages * 1e6
         result.pg_us_accept = (pg1 - pg0) / messages * 1e6
@@ -246,7 +269,6 @@ def run(pg: PgServer, work: Path, count: int, messages: int) -> Result:
                               "max_waiting": sampler.max_waiting,
                               "max_ungranted": sampler.max_ungranted,
                               "events": dict(sampler.events)}
-        sampler.conn.close()
         log(f"{count} node(s): accept {result.accept:.0f} msg/s; {result.locks}")
 
         total = WARMUP + messages
@@ -257,8 +279,9 @@ def run(pg: PgServer, work: Path, count: int, messages: int) -> Result:
                                 start_new_session=True)
         try:
             wait_for("smtp-sink", lambda: listening(SINK_HOST, sink_port), 10)
+            xid0, wal0 = sampler.position()
             relay0 = sum(n.cpu() for n in nodes)
-            pg0 = postgres_cpu(postmaster, 0)
+            pg0 = postgres_cpu(postmaster, sampler.backend)
             started = time.perf_counter()
             subprocess.run(relay_cmd(nodes[0].config, "queue", "flush", "--all"), check=True,
                            capture_output=True, timeout=120)
@@ -266,9 +289,13 @@ def run(pg: PgServer, work: Path, count: int, messages: int) -> Result:
                      60 + total / 10, 0.1)
             seconds = time.perf_counter() - started
             relay1 = sum(n.cpu() for n in nodes)
-            pg1 = postgres_cpu(postmaster, 0)
+            pg1 = postgres_cpu(postmaster, sampler.backend)
+            xid1, wal1 = sampler.position()
         finally:
             stop_process(sink, timeout=10)
+            sampler.conn.close()
+        result.xacts_drain = (xid1 - xid0) / total
+        result.wal_drain = (wal1 - wal0) / total
         result.drained = total
         result.drain = total / seconds
         result.relay_us_drain = (relay1 - relay0) / total * 1e6
@@ -294,6 +321,12 @@ def table(results: list[Result]) -> str:
         ("CPU µs/msg drain, relay + PostgreSQL",
          lambda r: f"{r.us_drain:,.0f} ({r.relay_us_drain:,.0f} + {r.pg_us_drain:,.0f})",
          lambda r: r.us_drain / one.us_drain),
+        ("write transactions / msg, accept; drain",
+         lambda r: f"{r.xacts_accept:.2f}; {r.xacts_drain:.2f}",
+         lambda r: r.xacts_accept / one.xacts_accept),
+        ("WAL bytes / msg, accept; drain",
+         lambda r: f"{r.wal_accept:,.0f}; {r.wal_drain:,.0f}",
+         lambda r: r.wal_accept / one.wal_accept),
         ("CPU µs/msg accept + drain", lambda r: f"{r.us_accept + r.us_drain:,.0f}",
          lambda r: (r.us_accept + r.us_drain) / (one.us_accept + one.us_drain)),
     ]
