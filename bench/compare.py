@@ -1,7 +1,8 @@
 """mx-relay side by side with Postfix as a backup MX: one command, one table.
 
     python3 bench/compare.py [--messages 5000] [--runs 3] [--drain 20000]
-                             [--skip-postfix] [--quick] [--json PATH]
+                             [--skip-postfix] [--quick] [--queue sqlite|postgresql]
+                             [--json PATH]
 
 Installs Postfix if needed (bench/postfix.py: debconf "No configuration", then
 a private instance in a temporary directory), starts both servers as the
@@ -20,6 +21,12 @@ hop), and measures with the same load generator for both, Postfix's
   queue is empty;
 - mx-relay only: VmRSS/VmHWM of `relay serve` with --rss-queue small messages
   queued, after its first scheduler passes.
+
+With --queue postgresql mx-relay's queue is a fresh database (`relay db
+upgrade` before each start) on a private PostgreSQL server the script starts
+(bench/pgserver.py: initdb in a temp dir, 127.0.0.1 and a free port only,
+fsync and synchronous_commit on) and removes at the end; its processes' CPU
+counts as ours, not as other load.
 
 Both queues are durable (Postfix fsyncs every queue file before its 250,
 mx-relay commits with SQLite synchronous=FULL). Each run starts from empty
@@ -61,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import postfix  # bench/postfix.py
 from common import body, free_port, relay_cmd, relay_config, stop_process
+from pgserver import PgServer
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
@@ -124,6 +132,7 @@ def port_free(host: str, port: int) -> bool:
 
 TICKS = os.sysconf("SC_CLK_TCK")
 OUR_SESSIONS: set[int] = set()  # sessions of the servers and sinks this script started
+OUR_PARENTS: set[int] = set()  # the postmaster: each of its children setsid()s
 
 
 def machine_busy() -> float:
@@ -150,7 +159,7 @@ def our_cpu() -> float:
             fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited meanwhile
-        if int(fields[3]) in OUR_SESSIONS:
+        if int(fields[3]) in OUR_SESSIONS or int(fields[1]) in OUR_PARENTS:
             total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     return total / TICKS
 
@@ -303,22 +312,28 @@ class Server(Protocol):
 
 
 class Relay:
-    """`relay serve` as a subprocess, SQLite queue in `work`."""
+    """`relay serve` as a subprocess; its queue is SQLite in `work`, or a database of
+    its own on `pg` (a fresh one after every wipe)."""
 
     name = "mx-relay"
 
-    def __init__(self, work: Path, host: str, port: int, sink_port: int, trash: Path) -> None:
-        self.work, self.trash = work, trash
+    def __init__(self, work: Path, host: str, port: int, sink_port: int, trash: Path,
+                 pg: PgServer | None = None) -> None:
+        self.work, self.trash, self.pg = work, trash, pg
         self.host, self.port, self._sink_port = host, port, sink_port
         self.db = work / "queue.db"
-        self.url = f"sqlite:///{self.db}"
         self.config = work / "relay.toml"
         self.log = work / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._queue: Any = None  # relay.queue.access.Queue, opened on first use
         work.mkdir(parents=True, exist_ok=True)
+        self._new_queue()
+
+    def _new_queue(self) -> None:
+        """Point the config at an empty queue: a new PostgreSQL database, or queue.db."""
+        self.url = f"sqlite:///{self.db}" if self.pg is None else self.pg.create_database()
         self.config.write_text(relay_config(f"{self.host}:{self.port}", self.url,
-                                            f"[{PRIMARY_HOST}]:{sink_port}"))
+                                            f"[{PRIMARY_HOST}]:{self._sink_port}"))
 
     @property
     def sink_port(self) -> int:
@@ -351,6 +366,10 @@ class Relay:
         if self._queue is not None:
             self._queue.engine.dispose()
             self._queue = None
+        if self.pg is not None:
+            self.pg.drop_database(self.url)
+            self._new_queue()
+            return
         self.trash.mkdir(parents=True, exist_ok=True)
         stamp = time.monotonic_ns()
         for path in self.work.glob("queue.db*"):
@@ -722,6 +741,9 @@ def main() -> None:
     parser.add_argument("--max-other", type=float, default=0.3,
                         help="measure again (twice at most) when other processes used more "
                              "than this many cores meanwhile (idle machine: about 0.1)")
+    parser.add_argument("--queue", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="mx-relay's queue: SQLite (default) or a database on a private "
+                             "PostgreSQL server this script starts (fsync on)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     defaults = QUICK if args.quick else FULL  # what the command line leaves out
@@ -777,16 +799,27 @@ def main() -> None:
     relay: Relay | None = None
     full: Relay | None = None
     pf: Postfix | None = None
+    pg: PgServer | None = None
     started = time.perf_counter()
     try:
+        if args.queue == "postgresql":
+            pg = PgServer()
+            pg.start()
+            postmaster = pg.postmaster_pid()
+            if postmaster is not None:  # its backends do the relay's work: not "other" load
+                OUR_SESSIONS.add(os.getsid(postmaster))
+                OUR_PARENTS.add(postmaster)
+            log(f"PostgreSQL ({pg.bindir}) on 127.0.0.1:{pg.port}, data in {pg.data}")
         if not p.skip_postfix:
             restart_default = postfix.stop_default_instance()  # it may hold *:25
         for host, port in [(RELAY_HOST, relay_port), (FULL_HOST, full_port)] + (
                 [] if p.skip_postfix else [(POSTFIX_HOST, 25)]):
             if not port_free(host, port):
                 raise SystemExit(f"{host}:{port} is in use")
-        relay = Relay(work / "relay", RELAY_HOST, relay_port, free_port(PRIMARY_HOST), trash)
-        full = Relay(work / "relay-full", FULL_HOST, full_port, free_port(PRIMARY_HOST), trash)
+        relay = Relay(work / "relay", RELAY_HOST, relay_port, free_port(PRIMARY_HOST), trash,
+                      pg)
+        full = Relay(work / "relay-full", FULL_HOST, full_port, free_port(PRIMARY_HOST), trash,
+                     pg)
         servers: list[Server] = [relay]
         relay.start()
         if not p.skip_postfix:
@@ -823,17 +856,24 @@ def main() -> None:
                 pf.stop()
             if restart_default:
                 postfix.start_default_instance()
+            if pg is not None:
+                pg.stop()
             if os.environ.get("BENCH_KEEP") is None:
                 shutil.rmtree(work, ignore_errors=True)
 
     minutes = (time.perf_counter() - started) / 60
     env = environment()
+    env["queue"] = args.queue
+    if pg is not None:
+        env["postgresql"] = pg.version
     env["load_1min_start"] = f"{load_before:.2f}"  # other work on the machine: noisier figures
     env["load_1min_end"] = f"{os.getloadavg()[0]:.2f}"
     print(f"\nmx-relay vs Postfix {env.get('postfix', '')} as a backup MX: {SIZE // 1000} KB "
           f"messages, one per connection (smtp-source), {p.messages:,} per accept figure, "
           f"median of {p.runs} run(s) (min-max); {env['cores']} cores, Python {env['python']}, "
-          f"SQLite {env['sqlite']}; {minutes:.0f} min; load average "
+          + (f"SQLite {env['sqlite']}" if pg is None else
+             f"PostgreSQL {env['postgresql']} queue (fsync on)")
+          + f"; {minutes:.0f} min; load average "
           f"{env['load_1min_start']} at start\n")
     print(table([f for key, f in figures.items() if key != "empty"]))
     other = max((o for f in figures.values() for o in f.other), default=0.0)
