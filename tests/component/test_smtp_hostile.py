@@ -1,0 +1,122 @@
+"""Hostile and careless clients over real loopback sockets: old TLS versions,
+early talkers, plaintext from networks that must use TLS, ETRN floods, idle
+and slow connections."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relay.core.clock import FakeClock
+from relay.queue.rows import NewMessage
+from relay.smtp.listeners import Listeners, start_listeners, tls_context
+from relay.smtp.policy import Policy
+from tests.component.test_smtpd import BODY, HOST, T0, Client, Ids, make_config
+
+Start = Callable[..., Awaitable[Listeners]]
+
+
+@pytest.fixture
+def stored() -> list[NewMessage]:
+    return []
+
+
+@pytest.fixture
+async def start(tmp_path: Path, stored: list[NewMessage]) -> AsyncIterator[Start]:
+    running: list[Listeners] = []
+
+    async def start_relay(smtp: dict[str, Any] | None = None,
+                          clock: FakeClock | None = None) -> Listeners:
+        config = make_config(tmp_path, smtp)
+
+        async def submit(message: NewMessage) -> None:
+            stored.append(message)
+
+        async def on_etrn(domain: str) -> None:
+            return None
+
+        listeners = await start_listeners(config, submit, id_factory=Ids(),
+                                          clock=clock or FakeClock(T0), on_etrn=on_etrn,
+                                          policy=Policy(config, recheck_interval=0))
+        running.append(listeners)
+        return listeners
+
+    yield start_relay
+    for listeners in running:
+        listeners.abort()
+        await listeners.wait_closed()
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> trustme.CA:
+    authority = trustme.CA()
+    authority.issue_cert(HOST).private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "cert.pem"))
+    return authority
+
+
+TLS = {"tls_cert": "cert.pem", "tls_key": "cert.pem"}
+
+
+async def greeted(listeners: Listeners) -> Client:
+    client = await Client.connect(listeners.addresses[0])
+    assert (await client.reply()).code == 220
+    assert (await client.ehlo()).code == 250
+    return client
+
+
+# -- inbound TLS -------------------------------------------------------------------
+
+
+def test_the_server_context_refuses_old_tls_compression_and_client_cipher_order(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    context = tls_context(make_config(tmp_path, TLS))
+    assert context is not None
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+
+
+def client_context(ca: trustme.CA, version: ssl.TLSVersion) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.minimum_version = context.maximum_version = version
+    return context
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_tls_1_2_and_1_3_clients_get_their_version(
+        start: Start, ca: trustme.CA, version: ssl.TLSVersion,
+        stored: list[NewMessage]) -> None:
+    listeners = await start(TLS)
+    client = await greeted(listeners)
+    assert (await client.cmd("STARTTLS")).code == 220
+    await client.writer.start_tls(client_context(ca, version), server_hostname=HOST)
+    tls = client.writer.get_extra_info("ssl_object")
+    assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2",
+                             ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+    assert (await client.ehlo()).code == 250
+    assert (await client.transaction("a@b.example", ["bob@verrotech.com"], BODY)).code == 250
+    assert len(stored) == 1
+    await client.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+async def test_a_tls_1_1_client_is_refused(start: Start, ca: trustme.CA) -> None:
+    listeners = await start(TLS)
+    client = await greeted(listeners)
+    assert (await client.cmd("STARTTLS")).code == 220
+    context = client_context(ca, ssl.TLSVersion.TLSv1_1)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # this client would take TLS 1.1
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await client.writer.start_tls(context, server_hostname=HOST)
+    await client.close()
+    assert await listeners.wait_sessions(20)
+    other = await greeted(listeners)  # the failed handshake hurt no one else
+    assert (await other.cmd("NOOP")).code == 250
+    await other.close()
