@@ -106,6 +106,10 @@ class SmtpConfig(_Section):
     """Simultaneous SMTP sessions per client IP; more are greeted with `421 4.7.0`."""
     max_messages_per_ip_per_minute: int = Field(600, ge=0)
     """MAIL commands per client IP a minute; more get `450 4.7.1`; 0 = no limit."""
+    greet_pause: Duration = 0.0
+    """Wait this long before the `220` greeting; a client that sends anything meanwhile is an
+    early talker (spam software that does not wait) and gets `554 5.5.0` and is dropped; 0 = greet
+    at once."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands; then `421 4.4.2` and the session is closed; 0 = no
     timeout."""

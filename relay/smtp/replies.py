@@ -25,6 +25,9 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
   allowed: access denied` for clients outside `smtp.etrn_clients`; `458 4.1.0
   Unable to queue messages for node D: not a hosted domain`; `501 5.5.4
   Syntax: ETRN <domain>`. `@domain` is taken as `domain`; `#queue` gets the 458.
+* early talker (data within `smtp.greet_pause`, before our greeting):
+  `554 5.5.0 <hostname> Error: protocol violation (data sent before the
+  greeting)` instead of the 220, then close
 * timeouts: `421 4.4.2 <hostname> Error: timeout exceeded`, then close;
   `command_timeout`/`data_timeout` of 0 mean "no timeout". `data_timeout` is
   an idle timeout: a client that sends nothing for that long inside DATA is

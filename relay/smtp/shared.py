@@ -86,6 +86,7 @@ class Settings:
     max_recipients: int
     command_timeout: float
     data_timeout: float
+    greet_pause: float
     etrn_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
@@ -97,6 +98,7 @@ class Settings:
             max_size=smtp.max_message_size, max_recipients=smtp.max_recipients,
             command_timeout=smtp.command_timeout or NO_TIMEOUT,
             data_timeout=smtp.data_timeout or NO_TIMEOUT,
+            greet_pause=smtp.greet_pause,
             etrn_networks=tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients),
         )
 

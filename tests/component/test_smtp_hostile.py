@@ -120,3 +120,27 @@ async def test_a_tls_1_1_client_is_refused(start: Start, ca: trustme.CA) -> None
     other = await greeted(listeners)  # the failed handshake hurt no one else
     assert (await other.cmd("NOOP")).code == 250
     await other.close()
+
+
+# -- early talkers -------------------------------------------------------------------
+
+
+async def test_an_early_talker_hears_554_and_is_dropped(start: Start) -> None:
+    listeners = await start({"greet_pause": "0.3s"})
+    client = await Client.connect(listeners.addresses[0])
+    await client.send(b"EHLO spam.example\r\n")  # without waiting for the greeting
+    assert (await client.reply()).last == (
+        f"554 5.5.0 {HOST} Error: protocol violation (data sent before the greeting)")
+    assert await client.at_eof() == b""
+    await client.close()
+    assert listeners.stats.rejections["early_talker"] == 1
+
+
+async def test_a_client_that_waits_for_the_greeting_is_served(
+        start: Start, stored: list[NewMessage]) -> None:
+    listeners = await start({"greet_pause": "0.3s"})
+    client = await greeted(listeners)
+    assert (await client.transaction("a@b.example", ["bob@verrotech.com"], BODY)).code == 250
+    assert len(stored) == 1
+    assert listeners.stats.rejections["early_talker"] == 0
+    await client.close()
