@@ -125,6 +125,9 @@ class SmtpConfig(_Section):
     """PEM private key file for `tls_cert`; set both or neither. Relative to the config file."""
     etrn_clients: tuple[str, ...] = ()
     """IP addresses or CIDR networks allowed to send `ETRN <domain>`; others get `459 4.7.1`."""
+    require_tls_from: tuple[str, ...] = ()
+    """IP addresses or CIDR networks that must issue STARTTLS before MAIL; plaintext MAIL from
+    them gets `530 5.7.0`. Needs `tls_cert` and `tls_key`."""
     max_inflight_data: Size = 1_000_000_000
     """Memory for messages being received, all sessions together; a message that would exceed it
     is read to its end but not kept, and gets `451 4.3.1`."""
@@ -134,7 +137,7 @@ class SmtpConfig(_Section):
     def _listen_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("etrn_clients")
+    @field_validator("etrn_clients", "require_tls_from")
     @classmethod
     def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(str(ipaddress.ip_network(v, strict=False)) for v in value)
@@ -143,6 +146,8 @@ class SmtpConfig(_Section):
     def _tls_pair(self) -> SmtpConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.require_tls_from and not self.tls_cert:
+            raise ValueError("require_tls_from needs tls_cert and tls_key")
         return self
 
     @property

@@ -25,6 +25,8 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
   allowed: access denied` for clients outside `smtp.etrn_clients`; `458 4.1.0
   Unable to queue messages for node D: not a hosted domain`; `501 5.5.4
   Syntax: ETRN <domain>`. `@domain` is taken as `domain`; `#queue` gets the 458.
+* MAIL in plaintext from `smtp.require_tls_from`: `530 5.7.0 Must issue a
+  STARTTLS command first` (RFC 3207's wording)
 * early talker (data within `smtp.greet_pause`, before our greeting):
   `554 5.5.0 <hostname> Error: protocol violation (data sent before the
   greeting)` instead of the 220, then close

@@ -306,6 +306,10 @@ class RelaySMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
+        if self._tls_protocol is None and self._settings.tls_required(self.client_ip):
+            self._shared.reject("tls_required")
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
         assert self.session is not None
         envelope = self._envelope()
         syntax = "501 5.5.4 Syntax: MAIL FROM:<address>"

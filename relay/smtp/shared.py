@@ -88,6 +88,7 @@ class Settings:
     data_timeout: float
     greet_pause: float
     etrn_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    tls_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
     def build(cls, config: Config, policy: Policy,
@@ -100,14 +101,24 @@ class Settings:
             data_timeout=smtp.data_timeout or NO_TIMEOUT,
             greet_pause=smtp.greet_pause,
             etrn_networks=tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients),
+            tls_networks=tuple(ipaddress.ip_network(n) for n in smtp.require_tls_from),
         )
 
     def etrn_allowed(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self.etrn_networks)
+        return _within(ip, self.etrn_networks)
+
+    def tls_required(self, ip: str) -> bool:
+        """smtp.require_tls_from: this client must STARTTLS before MAIL."""
+        return bool(self.tls_networks) and _within(ip, self.tls_networks)
+
+
+def _within(ip: str,
+            networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import pytest
 import trustme
 
 from relay.core.clock import FakeClock
+from relay.core.config import ConfigError
 from relay.queue.rows import NewMessage
 from relay.smtp.listeners import Listeners, start_listeners, tls_context
 from relay.smtp.policy import Policy
@@ -144,3 +145,36 @@ async def test_a_client_that_waits_for_the_greeting_is_served(
     assert len(stored) == 1
     assert listeners.stats.rejections["early_talker"] == 0
     await client.close()
+
+
+# -- smtp.require_tls_from ---------------------------------------------------------
+
+
+async def test_a_network_that_must_use_tls_cannot_send_in_plaintext(
+        start: Start, ca: trustme.CA, stored: list[NewMessage]) -> None:
+    listeners = await start({**TLS, "require_tls_from": ["127.0.0.0/8"]})
+    client = await greeted(listeners)
+    assert (await client.cmd("MAIL FROM:<a@b.example>")).last == (
+        "530 5.7.0 Must issue a STARTTLS command first")
+    assert (await client.cmd("STARTTLS")).code == 220
+    await client.writer.start_tls(client_context(ca, ssl.TLSVersion.TLSv1_3),
+                                  server_hostname=HOST)
+    assert (await client.ehlo()).code == 250
+    assert (await client.transaction("a@b.example", ["bob@verrotech.com"], BODY)).code == 250
+    assert len(stored) == 1
+    assert listeners.stats.rejections["tls_required"] == 1
+    await client.close()
+
+
+async def test_other_networks_may_still_send_in_plaintext(
+        start: Start, stored: list[NewMessage], ca: trustme.CA) -> None:
+    listeners = await start({**TLS, "require_tls_from": ["192.0.2.0/24"]})
+    client = await greeted(listeners)
+    assert (await client.transaction("a@b.example", ["bob@verrotech.com"], BODY)).code == 250
+    assert len(stored) == 1
+    await client.close()
+
+
+def test_require_tls_from_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="smtp: require_tls_from needs tls_cert and tls_key"):
+        make_config(tmp_path, {"require_tls_from": ["127.0.0.1"]})
