@@ -125,6 +125,9 @@ class SmtpConfig(_Section):
     """PEM private key file for `tls_cert`; set both or neither. Relative to the config file."""
     etrn_clients: tuple[str, ...] = ()
     """IP addresses or CIDR networks allowed to send `ETRN <domain>`; others get `459 4.7.1`."""
+    etrn_interval: Duration = 10.0
+    """At most one `ETRN` per domain per client IP this often; more get `458 4.7.1`; 0 = no
+    limit."""
     require_tls_from: tuple[str, ...] = ()
     """IP addresses or CIDR networks that must issue STARTTLS before MAIL; plaintext MAIL from
     them gets `530 5.7.0`. Needs `tls_cert` and `tls_key`."""

@@ -575,6 +575,10 @@ class RelaySMTP(SMTP):
             await self.push(f"458 4.1.0 Unable to queue messages for node {node}: "
                             "not a hosted domain")
             return
+        if not shared.limits.allow_etrn(self.client_ip, domain):
+            await self._refuse("etrn_rate", "ETRN", f"458 4.7.1 Unable to queue messages for "
+                               f"node {node}: too many ETRN requests, try again later")
+            return
         if shared.on_etrn is None:
             await self.push(f"458 4.3.0 Unable to queue messages for node {node}")
             return

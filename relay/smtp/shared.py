@@ -154,7 +154,8 @@ class Shared:
         self.closing = False
         self.protocols: set[RelaySMTP] = set()  # every live connection, refused ones too
         self.limits = ClientLimits(smtp.max_connections, smtp.max_connections_per_ip,
-                                   smtp.max_messages_per_ip_per_minute, clock)
+                                   smtp.max_messages_per_ip_per_minute, clock,
+                                   smtp.etrn_interval)
         self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
         self.idle = asyncio.Event()
         self.idle.set()
@@ -172,6 +173,7 @@ class Shared:
         self.limits.max_connections = smtp.max_connections
         self.limits.max_connections_per_ip = smtp.max_connections_per_ip
         self.limits.max_messages_per_minute = smtp.max_messages_per_ip_per_minute
+        self.limits.etrn_interval = smtp.etrn_interval
         self.inflight.limit = smtp.max_inflight_data
         self.free_space.minimum = config.queue.min_free_space
 

@@ -178,3 +178,23 @@ async def test_other_networks_may_still_send_in_plaintext(
 def test_require_tls_from_without_a_certificate_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="smtp: require_tls_from needs tls_cert and tls_key"):
         make_config(tmp_path, {"require_tls_from": ["127.0.0.1"]})
+
+
+# -- ETRN rate ---------------------------------------------------------------------
+
+
+async def test_etrn_for_one_domain_is_taken_once_per_interval(start: Start) -> None:
+    clock = FakeClock(T0)
+    listeners = await start({"etrn_clients": ["127.0.0.0/8"], "etrn_interval": "10s"}, clock)
+    client = await greeted(listeners)
+    assert (await client.cmd("ETRN verrotech.com")).code == 250
+    assert (await client.cmd("ETRN verrotech.com")).last == (
+        "458 4.7.1 Unable to queue messages for node verrotech.com: "
+        "too many ETRN requests, try again later")
+    assert (await client.cmd("ETRN verrotech.org")).code == 250  # another domain
+    clock.advance(9.9)
+    assert (await client.cmd("ETRN verrotech.com")).code == 458
+    clock.advance(0.1)
+    assert (await client.cmd("ETRN verrotech.com")).code == 250
+    assert listeners.stats.rejections["etrn_rate"] == 2
+    await client.close()
