@@ -198,3 +198,25 @@ async def test_etrn_for_one_domain_is_taken_once_per_interval(start: Start) -> N
     assert (await client.cmd("ETRN verrotech.com")).code == 250
     assert listeners.stats.rejections["etrn_rate"] == 2
     await client.close()
+
+
+# -- many connections --------------------------------------------------------------
+
+
+async def test_connections_over_the_limit_hear_421_and_a_sender_still_gets_through(
+        start: Start, stored: list[NewMessage]) -> None:
+    listeners = await start({"max_connections": 100, "max_connections_per_ip": 1000})
+    idle = [await Client.connect(listeners.addresses[0]) for _ in range(99)]
+    assert {(await c.reply()).code for c in idle} == {220}
+    sender = await greeted(listeners)  # the last slot
+    refused = [await Client.connect(listeners.addresses[0]) for _ in range(100)]
+    for client in refused:
+        assert (await client.reply()).last == (
+            f"421 4.7.0 {HOST} Error: too many connections from 127.0.0.1")
+        assert await client.at_eof() == b""
+        await client.close()
+    assert (await sender.transaction("a@b.example", ["bob@verrotech.com"], BODY)).code == 250
+    assert len(stored) == 1
+    assert listeners.stats.rejections["connection_limit"] == 100
+    for client in [*idle, sender]:
+        await client.close()
