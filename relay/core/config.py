@@ -106,6 +106,10 @@ class SmtpConfig(_Section):
     """Simultaneous SMTP sessions per client IP; more are greeted with `421 4.7.0`."""
     max_messages_per_ip_per_minute: int = Field(600, ge=0)
     """MAIL commands per client IP a minute; more get `450 4.7.1`; 0 = no limit."""
+    greet_pause: Duration = 0.0
+    """Wait this long before the `220` greeting; a client that sends anything meanwhile is an
+    early talker (spam software that does not wait) and gets `554 5.5.0` and is dropped; 0 = greet
+    at once."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands; then `421 4.4.2` and the session is closed; 0 = no
     timeout."""
@@ -121,6 +125,12 @@ class SmtpConfig(_Section):
     """PEM private key file for `tls_cert`; set both or neither. Relative to the config file."""
     etrn_clients: tuple[str, ...] = ()
     """IP addresses or CIDR networks allowed to send `ETRN <domain>`; others get `459 4.7.1`."""
+    etrn_interval: Duration = 10.0
+    """At most one `ETRN` per domain per client IP this often; more get `458 4.7.1`; 0 = no
+    limit."""
+    require_tls_from: tuple[str, ...] = ()
+    """IP addresses or CIDR networks that must issue STARTTLS before MAIL; plaintext MAIL from
+    them gets `530 5.7.0`. Needs `tls_cert` and `tls_key`."""
     max_inflight_data: Size = 1_000_000_000
     """Memory for messages being received, all sessions together; a message that would exceed it
     is read to its end but not kept, and gets `451 4.3.1`."""
@@ -130,7 +140,7 @@ class SmtpConfig(_Section):
     def _listen_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("etrn_clients")
+    @field_validator("etrn_clients", "require_tls_from")
     @classmethod
     def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(str(ipaddress.ip_network(v, strict=False)) for v in value)
@@ -139,6 +149,8 @@ class SmtpConfig(_Section):
     def _tls_pair(self) -> SmtpConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.require_tls_from and not self.tls_cert:
+            raise ValueError("require_tls_from needs tls_cert and tls_key")
         return self
 
     @property

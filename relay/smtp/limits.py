@@ -1,8 +1,8 @@
-"""What one client may take of the SMTP listener: connections, and mail a minute.
+"""What one client may take of the SMTP listener: connections, mail a minute, ETRNs.
 
-Owns the counts behind `smtp.max_connections`, `max_connections_per_ip` and
-`max_messages_per_ip_per_minute`, as Postfix's anvil keeps them for smtpd.
-Refuses I/O and replies: sessions ask, and say the 421 or 450 themselves.
+Owns the counts behind `smtp.max_connections`, `max_connections_per_ip`,
+`max_messages_per_ip_per_minute` and `etrn_interval`, as Postfix's anvil keeps them for smtpd.
+Refuses I/O and replies: sessions ask, and say the 421, 450 or 458 themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ class ClientLimits:
     over the last minute (0 means no limit)."""
 
     def __init__(self, max_connections: int, max_connections_per_ip: int,
-                 max_messages_per_minute: int, clock: Clock) -> None:
+                 max_messages_per_minute: int, clock: Clock,
+                 etrn_interval: float = 0.0) -> None:
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.max_messages_per_minute = max_messages_per_minute
@@ -28,6 +29,8 @@ class ClientLimits:
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._mail_times: dict[str, collections.deque[float]] = {}
         self._swept_at = 0.0
+        self.etrn_interval = etrn_interval
+        self._etrn_times: dict[tuple[str, str], float] = {}
 
     def connect(self, ip: str) -> bool:
         """Count a connection from `ip` in; False (nothing counted) when over a limit."""
@@ -65,4 +68,20 @@ class ClientLimits:
         if len(times) >= limit:
             return False
         times.append(now)
+        return True
+
+    def allow_etrn(self, ip: str, domain: str) -> bool:
+        """Count one ETRN for `domain` from `ip`, unless it had one within
+        `etrn_interval`: each ETRN starts a delivery run, so a client repeating
+        it must not keep the delivery side busy (0 means no limit)."""
+        interval = self.etrn_interval
+        if interval <= 0:
+            return True
+        now = self.clock.now().timestamp()
+        if len(self._etrn_times) > 1024:  # forget the ones whose interval has passed
+            self._etrn_times = {k: t for k, t in self._etrn_times.items() if now - t < interval}
+        last = self._etrn_times.get((ip, domain))
+        if last is not None and now - last < interval:
+            return False
+        self._etrn_times[(ip, domain)] = now
         return True

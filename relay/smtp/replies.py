@@ -24,7 +24,15 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
 * ETRN: `250 2.0.0 Queuing for node D started`; `459 4.7.1 Node D not
   allowed: access denied` for clients outside `smtp.etrn_clients`; `458 4.1.0
   Unable to queue messages for node D: not a hosted domain`; `501 5.5.4
-  Syntax: ETRN <domain>`. `@domain` is taken as `domain`; `#queue` gets the 458.
+  Syntax: ETRN <domain>`; a repeat within `smtp.etrn_interval`: `458 4.7.1
+  Unable to queue messages for node D: too many ETRN requests, try again
+  later` (RFC 1985 has no code of its own for a rate limit). `@domain` is
+  taken as `domain`; `#queue` gets the 458.
+* MAIL in plaintext from `smtp.require_tls_from`: `530 5.7.0 Must issue a
+  STARTTLS command first` (RFC 3207's wording)
+* early talker (data within `smtp.greet_pause`, before our greeting):
+  `554 5.5.0 <hostname> Error: protocol violation (data sent before the
+  greeting)` instead of the 220, then close
 * timeouts: `421 4.4.2 <hostname> Error: timeout exceeded`, then close;
   `command_timeout`/`data_timeout` of 0 mean "no timeout". `data_timeout` is
   an idle timeout: a client that sends nothing for that long inside DATA is

@@ -98,6 +98,8 @@ class RelaySMTP(SMTP):
         self._busy = False  # receiving or storing a message: close() lets it finish
         self._data_seen = 0.0
         self._continued: list[bytes] = []  # lines of a multi-line reply not sent yet
+        self._talked = False  # the client sent something (watched before the greeting)
+        self._talk_waiter: asyncio.Future[None] | None = None  # only while greet_pause runs
         self._init_smtp(shared)
 
     def _init_smtp(self, shared: Shared) -> None:
@@ -171,7 +173,17 @@ class RelaySMTP(SMTP):
         finally:
             self._shared.release(self)
 
+    def data_received(self, data: bytes) -> None:
+        self._talked = True
+        if self._talk_waiter is not None and not self._talk_waiter.done():
+            self._talk_waiter.set_result(None)
+        super().data_received(data)
+
     async def _handle_client(self) -> None:
+        if self._refusal is None and await self._talks_early():
+            self._refusal = (f"554 5.5.0 {self.hostname} Error: protocol violation"
+                             " (data sent before the greeting)")
+            self._shared.reject("early_talker")
         if self._refusal is None:
             await super()._handle_client()
             return
@@ -180,6 +192,22 @@ class RelaySMTP(SMTP):
             await self.push(self._refusal)
         if self.transport is not None:
             self.transport.close()
+
+    async def _talks_early(self) -> bool:
+        """True if the client sent anything within `smtp.greet_pause`: a real
+        MTA waits for our 220, bulk-mail software often does not (postscreen)."""
+        pause = self._settings.greet_pause
+        if pause <= 0:
+            return False
+        if not self._talked:
+            self._talk_waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self._talk_waiter, pause)
+            except TimeoutError:
+                return False
+            finally:
+                self._talk_waiter = None
+        return True
 
     def _timeout_cb(self) -> None:
         if self.transport is None:
@@ -277,6 +305,10 @@ class RelaySMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
+            return
+        if self._tls_protocol is None and self._settings.tls_required(self.client_ip):
+            self._shared.reject("tls_required")
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
             return
         assert self.session is not None
         envelope = self._envelope()
@@ -542,6 +574,10 @@ class RelaySMTP(SMTP):
         if domain is None:
             await self.push(f"458 4.1.0 Unable to queue messages for node {node}: "
                             "not a hosted domain")
+            return
+        if not shared.limits.allow_etrn(self.client_ip, domain):
+            await self._refuse("etrn_rate", "ETRN", f"458 4.7.1 Unable to queue messages for "
+                               f"node {node}: too many ETRN requests, try again later")
             return
         if shared.on_etrn is None:
             await self.push(f"458 4.3.0 Unable to queue messages for node {node}")

@@ -99,7 +99,9 @@ class Settings:
     max_recipients: int
     command_timeout: float
     data_timeout: float
+    greet_pause: float
     etrn_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    tls_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
     def build(cls, config: Config, policy: Policy,
@@ -110,15 +112,26 @@ class Settings:
             max_size=smtp.max_message_size, max_recipients=smtp.max_recipients,
             command_timeout=smtp.command_timeout or NO_TIMEOUT,
             data_timeout=smtp.data_timeout or NO_TIMEOUT,
+            greet_pause=smtp.greet_pause,
             etrn_networks=tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients),
+            tls_networks=tuple(ipaddress.ip_network(n) for n in smtp.require_tls_from),
         )
 
     def etrn_allowed(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in net for net in self.etrn_networks)
+        return _within(ip, self.etrn_networks)
+
+    def tls_required(self, ip: str) -> bool:
+        """smtp.require_tls_from: this client must STARTTLS before MAIL."""
+        return bool(self.tls_networks) and _within(ip, self.tls_networks)
+
+
+def _within(ip: str,
+            networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
 
 @dataclass
@@ -154,7 +167,8 @@ class Shared:
         self.closing = False
         self.protocols: set[Connection] = set()  # every live connection, refused ones too
         self.limits = ClientLimits(smtp.max_connections, smtp.max_connections_per_ip,
-                                   smtp.max_messages_per_ip_per_minute, clock)
+                                   smtp.max_messages_per_ip_per_minute, clock,
+                                   smtp.etrn_interval)
         self.finishing: set[asyncio.Future[Any]] = set()  # handler tasks and submits
         self.idle = asyncio.Event()
         self.idle.set()
@@ -172,6 +186,7 @@ class Shared:
         self.limits.max_connections = smtp.max_connections
         self.limits.max_connections_per_ip = smtp.max_connections_per_ip
         self.limits.max_messages_per_minute = smtp.max_messages_per_ip_per_minute
+        self.limits.etrn_interval = smtp.etrn_interval
         self.inflight.limit = smtp.max_inflight_data
         self.free_space.minimum = config.queue.min_free_space
 

@@ -1159,7 +1159,8 @@ def test_fuzz_rcpt_never_relays(tmp_path: Path) -> None:
 @pytest.mark.parametrize("configured", ["bücher.test", "xn--bcher-kva.test"])
 async def test_an_idn_domain_is_queued_and_flushed_under_its_a_label(
         start: StartRelay, configured: str) -> None:
-    relay = await start(smtp={"etrn_clients": ["127.0.0.0/8"]}, domains={configured: {}})
+    relay = await start(smtp={"etrn_clients": ["127.0.0.0/8"], "etrn_interval": "0s"},
+                        domains={configured: {}})
     client = await relay.client()
     await client.cmd("MAIL FROM:<a@sender.example> SMTPUTF8")
     for rcpt in ("uni@bücher.test", "UNI@XN--BCHER-KVA.test", "eva@Bücher.Test."):

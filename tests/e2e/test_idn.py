@@ -78,7 +78,7 @@ def start(deployment: Deployment, configured: str, metrics_port: int = 0) -> Rel
     deployment.dns.add(A_LABEL, "MX", "10 mail.verrotech.com.", "20 mail.verrotech.net.")
     deployment.write_config(
         {"delivery": {"min_backoff": "10m", "max_backoff": "1h"}},  # no retry by itself
-        smtp={"etrn_clients": ["127.0.0.0/8"]},
+        smtp={"etrn_clients": ["127.0.0.0/8"], "etrn_interval": "0s"},
         metrics={"listen": f"127.0.0.1:{metrics_port}" if metrics_port else ""},
         domains={configured: {}},
     )
