@@ -11,6 +11,7 @@ story) and `timeline` (the output).
 from __future__ import annotations
 
 import asyncio
+import signal
 import tempfile
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def run(messages: int) -> int:
     with tempfile.TemporaryDirectory(prefix="relay-demo-") as workdir:
         demo = Demo(messages, Path(workdir), timeline)
         failed = False
+        interrupted = _watch_ctrl_c()
         try:
             result = asyncio.run(demo.run())
+            if interrupted:  # a Ctrl-C that a finishing step swallowed still ends the demo
+                raise KeyboardInterrupt
         except DemoError as exc:
             timeline.console.print(f"[red]demo: {exc}[/]")
             result, failed = demo.tally(), True
@@ -42,6 +46,21 @@ def run(messages: int) -> int:
             timeline.console.print("[red]demo: interrupted[/]")
             return INTERRUPTED
         finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             demo.close()
     print(result.line, flush=True)
     return 0 if result.ok and not failed else 1
+
+
+def _watch_ctrl_c() -> list[bool]:
+    """SIGINT raises KeyboardInterrupt at once, wherever the demo is, and is
+    remembered: asyncio's own handler only cancels the main task, which a step
+    that is just finishing can absorb, and then the demo would run to its end."""
+    seen: list[bool] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return seen
