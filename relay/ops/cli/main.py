@@ -140,8 +140,8 @@ def db_upgrade(ctx: click.Context, config_path: str | None) -> None:
     cfg = load_config(ctx, config_path)
     try:
         rev = db.upgrade(db.connect(cfg.queue.url))
-    except db.DatabaseError as exc:
-        fail(f"{exc} (queue: {cfg.queue.location})")
+    except db.DatabaseError as exc:  # names its database already
+        fail(str(exc))
     click.echo(f"database at revision {rev.current} (head)")
     click.echo(f"queue: {cfg.queue.location}")
 
@@ -156,8 +156,8 @@ def db_current(ctx: click.Context, config_path: str | None) -> None:
     cfg = load_config(ctx, config_path)
     try:
         rev = db.revision(db.connect(cfg.queue.url))
-    except db.DatabaseError as exc:
-        fail(f"{exc} (queue: {cfg.queue.location})")
+    except db.DatabaseError as exc:  # names its database already
+        fail(str(exc))
     known = True
     if rev.up_to_date:
         click.echo(f"{rev.current} (head)")

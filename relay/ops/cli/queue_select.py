@@ -95,8 +95,8 @@ def guarded() -> Iterator[None]:
         except (OSError, ValueError, AttributeError):  # pragma: no cover - odd stdout
             pass
         sys.exit(1)
-    except DatabaseError as exc:
-        fail(f"{exc}{_where()}")
+    except DatabaseError as exc:  # names its database already (relay.queue.db)
+        fail(str(exc))
     except QueueError as exc:
         fail(f"queue error: {exc}{_where()}")
     except SQLAlchemyError as exc:
