@@ -220,7 +220,10 @@ class Callouts:
 
     def see_down(self, destinations: Iterable[str]) -> None:
         """The destinations the queue has down (delivery found them so)."""
-        self._queue_down = frozenset(destinations)
+        down = frozenset(destinations)
+        if down != self._queue_down:
+            log.debug("callout: down in the queue now: %s", ", ".join(sorted(down)) or "none")
+        self._queue_down = down
 
     async def run(self, read: ReadDown, interval: float = REFRESH_INTERVAL) -> None:
         """Re-read the queue's down destinations every `interval` seconds while

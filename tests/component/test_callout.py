@@ -15,12 +15,13 @@ import logging
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import delete, insert
 
 from relay import service
 from relay.core import config as configuration
@@ -31,6 +32,8 @@ from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.callout import CalloutClient
 from relay.delivery.resolver import Route
 from relay.ops.cli.main import command_tree
+from relay.queue import db
+from relay.queue.schema import destinations
 from relay.smtp.callouts import Callouts
 from relay.smtp.verify import KnownRecipients
 from tests.component.test_learned_recipients import Client, Relay, rcpt, stop
@@ -390,3 +393,63 @@ async def test_a_rcpt_never_waits_longer_than_its_timeout_for_a_probe_in_flight(
     assert await callouts.check("ann@x.test", "ann@x.test", "x.test", 0.3) is None
     assert time.monotonic() - started < 0.3 + MARGIN
     assert hop.connections == 1
+
+
+async def test_a_destination_delivery_found_down_is_not_probed_until_it_is_up(
+    relays: Callable[..., Awaitable[Relay]], sink: Sink, callout_log: LogLines,
+    tmp_path: Path,
+) -> None:
+    relay = await relays({"next_hop": f"{sink.host}:{sink.port}",
+                          "unknown_recipient": "tempfail"})
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db")
+    now = datetime.now(UTC)
+
+    def write(statement: Any) -> None:
+        with engine.begin() as conn:
+            conn.execute(statement)
+
+    await asyncio.to_thread(write, insert(destinations).values(
+        name=DOMAIN, up=False, failures=1, retry_at=now + timedelta(hours=1),
+        last_error="451 4.4.1 connect to ...: Connection refused", updated_at=now,
+        down_since=now))
+    await callout_log.wait(lambda: callout_log.count(f"down in the queue now: {DOMAIN}") == 1)
+    assert await rcpt(relay.port, "ann@company.example") == [UNVERIFIED.format(
+        "ann@company.example")]
+    assert sink.session_count == 0
+
+    await asyncio.to_thread(write, delete(destinations))
+    await callout_log.wait(lambda: callout_log.count("down in the queue now: none") == 1)
+    assert await rcpt(relay.port, "ann@company.example") == ["250 2.1.5 Ok"]
+    assert sink.session_count == 1
+    engine.dispose()
+
+
+async def test_tls_required_by_delivery_is_required_by_a_probe() -> None:
+    primary = Sink("127.0.0.2", tls=True).start()
+    try:
+        hops = [Hop("127.0.0.2", primary.host, primary.port, 0)]
+        client = CalloutClient(helo_name="relay.example", tls="required")
+        probe = await client.probe("ann@x.test", hops, TIMEOUT)
+        assert (probe.result, probe.answered) == ("valid", True)
+        assert [s.tls for s in primary.sessions] == [True]
+        primary.hide_starttls = True
+        probe = await client.probe("ann@x.test", hops, TIMEOUT)
+        assert (probe.result, probe.answered) == ("unknown", False)
+        assert probe.reply == "TLS is required, but was not offered"
+        assert primary.sessions[-1].commands == ["EHLO"]
+        # opportunistic: a probe carries no message, so it does not bother with TLS
+        plain = CalloutClient(helo_name="relay.example", tls="opportunistic")
+        assert (await plain.probe("ann@x.test", hops, TIMEOUT)).result == "valid"
+        assert primary.sessions[-1].tls is False
+    finally:
+        primary.stop()
+
+
+async def test_a_utf8_address_is_asked_with_smtputf8_or_not_at_all(sink: Sink) -> None:
+    hops = [Hop("hop.test", sink.host, sink.port, 0)]
+    client = CalloutClient(helo_name="relay.example", tls="none")
+    assert (await client.probe("jürgen@x.test", hops, TIMEOUT)).result == "valid"
+    sink.smtputf8 = False
+    probe = await client.probe("jürgen@x.test", hops, TIMEOUT)
+    assert (probe.result, probe.answered) == ("unknown", False)
+    assert "SMTPUTF8" in probe.reply
