@@ -1,7 +1,7 @@
 """The accept side's copy of known recipients, refreshed from the queue.
 
 Owns the in-memory map RCPT TO consults when a domain has `verify =
-"learned"` (so a check costs a dictionary lookup, never a database round
+"learned"` or `"callout"` (so a check costs a dictionary lookup, never a database round
 trip): a full load at start, then every few seconds the rows seen since the
 newest one it has (with a few seconds' overlap for transactions that commit
 late) plus the row count, which tells that rows were added that the
