@@ -116,6 +116,7 @@ class Hop_:
         self.mode = mode
         self.connections = 0
         self.rcpt_seen = asyncio.Event()
+        self.rcpts = 0
         self.release = asyncio.Event()
         self.server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
@@ -148,6 +149,7 @@ class Hop_:
         while line := await reader.readline():
             verb = line[:4].upper()
             if verb == b"RCPT":
+                self.rcpts += 1
                 self.rcpt_seen.set()
                 await self.release.wait()
                 writer.write(b"250 2.1.5 Ok\r\n")
@@ -382,6 +384,26 @@ async def test_rcpts_for_one_address_at_once_share_one_probe(
     assert hop.connections == 1
     # the verdict is in this node's copy at once: the policy's next RCPT asks no one
     assert known.state("ann@x.test", Ttl(60.0, 60.0), clock.now()) is KnownState.VALID
+
+
+async def test_at_most_three_probes_run_at_once_to_one_destination(
+    raw_hop: Callable[[str], Awaitable[Hop_]],
+) -> None:
+    hop = await raw_hop("hold")
+    callouts = _callouts(hop.port, FakeClock())
+    checks = [asyncio.create_task(callouts.check(f"u{n}@x.test", f"u{n}@x.test", "x.test",
+                                                 DEADLINE)) for n in range(4)]
+
+    async def three_held() -> None:
+        while hop.rcpts < 3:
+            hop.rcpt_seen.clear()
+            await hop.rcpt_seen.wait()
+
+    await asyncio.wait_for(three_held(), DEADLINE)
+    assert (hop.connections, hop.rcpts) == (3, 3)  # the fourth waits for a slot
+    hop.release.set()
+    assert await asyncio.gather(*checks) == [KnownState.VALID] * 4
+    assert hop.connections == 4
 
 
 async def test_a_rcpt_never_waits_longer_than_its_timeout_for_a_probe_in_flight(
