@@ -34,7 +34,7 @@ from typing import Protocol
 
 from relay.core import maillog
 from relay.core.clock import Clock
-from relay.core.destination import AttemptOutcome, State, transition
+from relay.core.destination import Action, AttemptOutcome, State, transition
 from relay.core.model import Hop
 from relay.core.recipients import KnownState, Learned, Source
 from relay.delivery.backoff import BackoffPolicy
@@ -140,17 +140,19 @@ class Callouts:
         deadline = loop.time() + timeout
 
         def told(probe: Probe) -> None:
+            if flight.done():
+                return  # told already, as RCPT was answered
             if probe.state is not None:
                 self._known.taught([Learned(address, probe.state, Source.CALLOUT)],
                                    self._clock.now(), by="a callout")
-            if not flight.done():
-                flight.set_result(probe.state)
+            flight.set_result(probe.state)
 
         try:
             probe, tested = await self._ask(address, destination, deadline, told)
             told(probe)
-            if tested:
-                self._after(destination, reached=probe.answered)
+            self._after(destination, AttemptOutcome.RETURNED if not tested
+                        else AttemptOutcome.DELIVERED if probe.answered
+                        else AttemptOutcome.SITE_FAILURE)
             maillog.callout(address, probe.host or "none", probe.result, probe.reply)
             self._counted(probe.result)
             if probe.state is not None and self._learn is not None:
@@ -197,11 +199,19 @@ class Callouts:
         finally:
             slots.release()
 
-    def _after(self, destination: str, *, reached: bool) -> None:
-        """Move this node's view of `destination` along the state machine."""
+    def _after(self, destination: str, outcome: AttemptOutcome) -> None:
+        """Move this node's view of `destination` along the state machine:
+        `DELIVERED` for a hop that answered RCPT, `SITE_FAILURE` for none that
+        did, `RETURNED` for a probe that did not test the hops (no slot, no
+        route in time): if it was the one probe of a down destination, the
+        next RCPT may probe it."""
         prior = self._seen.get(destination)
-        outcome = AttemptOutcome.DELIVERED if reached else AttemptOutcome.SITE_FAILURE
         step = transition(prior.state if prior is not None else State.UP, outcome)
+        if step.action is Action.REPROBE and prior is not None:
+            prior.state, prior.retry_at = State.DOWN, self._clock.now()
+            return
+        if step.action is Action.NONE and step.state is not State.UP:
+            return  # down already, and no word on it
         if step.state is State.UP:
             if self._seen.pop(destination, None) is not None:
                 log.info("callout: destination %s answers again; probes resume", destination)

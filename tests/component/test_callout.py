@@ -30,7 +30,7 @@ from relay.core.model import Hop
 from relay.core.recipients import KnownState, Ttl
 from relay.delivery.backoff import BackoffPolicy
 from relay.delivery.callout import CalloutClient
-from relay.delivery.resolver import Route
+from relay.delivery.resolver import NoRoute, Route
 from relay.ops.cli.main import command_tree
 from relay.queue import db
 from relay.queue.schema import destinations
@@ -475,3 +475,24 @@ async def test_a_utf8_address_is_asked_with_smtputf8_or_not_at_all(sink: Sink) -
     probe = await client.probe("jürgen@x.test", hops, TIMEOUT)
     assert (probe.result, probe.answered) == ("unknown", False)
     assert "SMTPUTF8" in probe.reply
+
+
+async def test_a_probe_that_could_not_test_a_down_destination_leaves_the_next_one_to(
+    raw_hop: Callable[[str], Awaitable[Hop_]],
+) -> None:
+    hop = await raw_hop("reset")
+    clock = FakeClock(datetime(2026, 5, 1, tzinfo=UTC))
+    callouts = _callouts(hop.port, clock)
+    routes = callouts.resolver
+    assert await callouts.check("a@x.test", "a@x.test", "x.test", TIMEOUT) is None
+    clock.advance(60)  # its backoff step: one probe, which finds no route at all
+    callouts.resolver = _NoRoutes()
+    assert await callouts.check("b@x.test", "b@x.test", "x.test", TIMEOUT) is None
+    callouts.resolver = routes
+    assert await callouts.check("c@x.test", "c@x.test", "x.test", TIMEOUT) is None
+    assert hop.connections == 2  # the hops were tested by the next RCPT
+
+
+class _NoRoutes:
+    async def route(self, domain: str, next_hop: str = "") -> NoRoute:
+        return NoRoute(True, f"{domain} has a null MX", "5.1.10")
