@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from sqlalchemy import Engine
@@ -34,7 +34,8 @@ from relay.core import maillog, privileges
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config, ConfigError
 from relay.core.oserror import ListenError, cause
-from relay.core.recipients import KnownRecipient
+from relay.core.recipients import KnownRecipient, Learned
+from relay.delivery.callout import CalloutClient
 from relay.delivery.outcomes import rules_from_config
 from relay.delivery.resolver import DnsResolver, Identity
 from relay.delivery.scheduler import Limits, Scheduler
@@ -46,6 +47,7 @@ from relay.queue.access import Queue
 from relay.queue.rows import NewMessage, domain_of, new_queue_id
 from relay.queue.store import Store
 from relay.reload import Reloader
+from relay.smtp.callouts import Callouts
 from relay.smtp.listeners import Listeners, start_listeners, tls_context
 from relay.smtp.policy import Policy
 from relay.smtp.verify import REFRESH_INTERVAL, KnownRecipients
@@ -110,22 +112,36 @@ def _delivery_tls(config: Config) -> ssl.SSLContext:
         raise ConfigError([problem]) from None
 
 
-def _policies(known: KnownRecipients, metrics: Metrics,
-              clock: Clock) -> Callable[[Config], Policy]:
+def _policies(known: KnownRecipients, metrics: Metrics, clock: Clock,
+              callouts: Callouts) -> Callable[[Config], Policy]:
     """How a config becomes the accept side's policy, at start and on reload:
-    with the known recipients it consults and the metric it counts in."""
+    with the known recipients it consults, the callouts it may ask, and the
+    metric it counts in."""
 
     def build(config: Config) -> Policy:
-        return Policy(config, known=known, checked=metrics.recipient_checked, now=clock.now)
+        return Policy(config, known=known, checked=metrics.recipient_checked, now=clock.now,
+                      callouts=callouts)
 
     return build
+
+
+def _configure_callouts(callouts: Callouts, config: Config, resolver: DnsResolver,
+                        verify: ssl.SSLContext, policy: Policy) -> None:
+    """Callouts follow delivery's routing, TLS policy and backoff."""
+    client = callouts.prober
+    assert isinstance(client, CalloutClient)
+    client.tls, client.verify_context = config.delivery.tls, verify
+    callouts.resolver = resolver
+    callouts.next_hops = _next_hops(config)
+    callouts.backoff = rules_from_config(config).backoff
+    callouts.active = policy.calls_out
 
 
 def _prepare_reload(
     listeners: Listeners, scheduler: Scheduler, transport: SmtpTransport,
     reloader: Reloader, log_level: str | None, poll_interval: float | None,
     policies: Callable[[Config], Policy], known: KnownRecipients,
-    heartbeat: Heartbeat, peers: _Peers,
+    heartbeat: Heartbeat, peers: _Peers, callouts: Callouts,
 ) -> Callable[[Config], Callable[[], None]]:
     """What SIGHUP changes, built in a worker thread (where a bad certificate is
     found before anything changed); the step returned swaps it in on the loop."""
@@ -142,6 +158,7 @@ def _prepare_reload(
             old = reloader.config
             listeners.reconfigure(new, policy, tls)
             known.active = policy.verifies
+            _configure_callouts(callouts, new, resolver, verify, policy)
             scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
                                   next_hops=_next_hops(new), resolver=resolver)
             peers.resolver = resolver
@@ -251,9 +268,22 @@ async def serve(
     store = Store(Queue(engine))
     metrics = Metrics(store.queue, clock, nodes=store.queue)
     known = KnownRecipients()
-    policies = _policies(known, metrics, clock)
+    resolver = _resolver(config)
+    delivery_tls = _delivery_tls(config)
+
+    async def learn(learned: Sequence[Learned], at: datetime) -> int:
+        return await store.call(store.queue.learn_recipients, learned, at)
+
+    callouts = Callouts(
+        prober=CalloutClient(helo_name=config.node.hostname, tls=config.delivery.tls,
+                             verify_context=delivery_tls),
+        resolver=resolver, clock=clock, backoff=rules_from_config(config).backoff,
+        known=known, learn=learn, counted=metrics.callout,
+    )
+    policies = _policies(known, metrics, clock, callouts)
     policy = policies(config)
     known.active = policy.verifies
+    _configure_callouts(callouts, config, resolver, delivery_tls, policy)
 
     async def read_known(since: datetime | None) -> tuple[list[KnownRecipient], int]:
         return await store.read(store.queue.known_changes, since)
@@ -267,11 +297,10 @@ async def serve(
         connect_timeout=config.delivery.connect_timeout,
         command_timeout=config.delivery.command_timeout,
         data_timeout=config.delivery.data_timeout,
-        verify_context=_delivery_tls(config),
+        verify_context=delivery_tls,
     )
     node = this_node(config.node.hostname, tuple(sorted(identity(config).addresses)),
                      clock.now())
-    resolver = _resolver(config)
     peers = _Peers(resolver)
     heartbeat = Heartbeat(store, clock, node, lease=config.queue.lease,
                           retention=config.queue.log_retention, on_peers=peers)
@@ -334,6 +363,11 @@ async def serve(
         privileges.drop(config.node.user, _queue_files(config, created_directory=created))
     scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
     known_task = asyncio.create_task(known.run(read_known, known_refresh), name="known-recipients")
+
+    async def read_down() -> list[str]:
+        return list(await store.read(store.queue.down_destinations))
+
+    callouts_task = asyncio.create_task(callouts.run(read_down, known_refresh), name="callouts")
     heartbeat_task = asyncio.create_task(heartbeat.run(), name="heartbeat")
     log.info(
         "mx-relay ready: smtp on %s, queue %s, node %s",
@@ -341,7 +375,8 @@ async def serve(
         config.queue.location, node.id,
     )
     reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
-                                    poll_interval, policies, known, heartbeat, peers))
+                                    poll_interval, policies, known, heartbeat, peers,
+                                    callouts))
     if on_ready:
         on_ready()
     try:
@@ -357,10 +392,12 @@ async def serve(
                         "their clients will send them again", grace)
             listeners.stop_receiving()
         await listeners.wait_closed()
+        await callouts.close()
         await scheduler.stop(SHUTDOWN_GRACE)
         scheduler_task.cancel()
         known_task.cancel()
-        await asyncio.gather(scheduler_task, known_task, return_exceptions=True)
+        callouts_task.cancel()
+        await asyncio.gather(scheduler_task, known_task, callouts_task, return_exceptions=True)
         await heartbeat.stop()
         await asyncio.gather(heartbeat_task, return_exceptions=True)
         await transport.close()

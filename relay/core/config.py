@@ -320,11 +320,12 @@ class DomainConfig(_Section):
     next_hop: str = ""
     """`"host:port"` or `"[ip]:port"` (port 25 by default) to deliver to instead of looking up MX
     records."""
-    verify: Literal["off", "learned"] = "off"
+    verify: Literal["off", "learned", "callout"] = "off"
     """`learned`: remember which addresses the next hop accepts (2xx) or refuses as unknown
     (5xx with `5.1.x`) during deliveries; a known-invalid address gets `550 5.1.1` at our RCPT.
-    A `recipients` list or `recipients_file` decides instead when set. (`callout` is not built
-    yet.)"""
+    `callout`: as `learned`, and an address not known yet is asked of the next hop at RCPT time
+    (EHLO, `MAIL FROM:<>`, `RCPT TO`, QUIT; no message), its answer learned and decisive.
+    A `recipients` list or `recipients_file` decides instead when set."""
     unknown_recipient: Literal["accept", "tempfail"] = "accept"
     """With `verify` on, what an address not known yet gets: `accept`, or `tempfail`
     (`450 4.1.1`, so its sender tries again once the next hop has taught us)."""
@@ -332,15 +333,9 @@ class DomainConfig(_Section):
     """A known-valid address is forgotten this long after the next hop last accepted it."""
     verify_invalid_ttl: Duration = 3 * 86400.0
     """A known-invalid address is forgotten this long after the next hop last refused it."""
-    verify_timeout: Duration = 10.0
-    """Callout probes: the whole probe, connect to QUIT (reserved: callout is not built yet)."""
-
-    @field_validator("verify", mode="before")
-    @classmethod
-    def _verify(cls, value: object) -> object:
-        if value == "callout":
-            raise ValueError('"callout" is not built yet; use "off" or "learned"')
-        return value
+    verify_timeout: Duration = Field(10.0, gt=0)
+    """Callout probes: the whole probe, connect to QUIT; the longest a RCPT waits for one.
+    Past it, `unknown_recipient` applies."""
 
     @field_validator("recipients")
     @classmethod

@@ -6,7 +6,8 @@ Owns the events operators grep for: `queued`, `rejected`, `attempt`,
 notification is queued), each with the client IP, sender, recipient, next
 hop, remote reply and delay where they apply; what an operator did to a
 message (`held by operator`, ...); and a destination going down or coming
-back (`destination D is down: ...`, `destination D is up again after ...`).
+back (`destination D is down: ...`, `destination D is up again after ...`);
+and each callout probe (`callout <addr> via host[ip]:port: valid (250 ...)`).
 Text in the manner of Postfix's maillog (`ID: event key=value, ...`) by
 default; one JSON object per line with `[log] format = "json"`. Refuses to
 decide anything: callers say when an event happened.
@@ -128,6 +129,12 @@ def destination_up(destination: str, down_for: float | None) -> None:
     _destination("destination up", f"destination {destination} is up again after {after}",
                  destination=destination, down_seconds=None if down_for is None else
                  int(max(0.0, down_for)))
+
+
+def callout(address: str, host: str, result: str, reply: str) -> None:
+    """One probe at RCPT time (`verify = "callout"`): who was asked, and what came of it."""
+    _destination("callout", f"callout {_addr(address)} via {host}: {result} ({reply})",
+                 to=_addr(address), relay=host, result=result, reply=reply)
 
 
 def _destination(event: str, text: str, **fields: Any) -> None:

@@ -53,6 +53,8 @@ DELIVERY_DURATION = "relay_delivery_duration_seconds"
 DESTINATION_UP = "relay_destination_up"
 RECIPIENT_CHECKS = "relay_recipient_checks_total"
 RECIPIENT_CHECK_RESULTS = ("valid", "invalid", "unknown", "static")
+CALLOUTS = "relay_callouts_total"
+CALLOUT_RESULTS = ("valid", "invalid", "unknown")
 NODES_UP = "relay_nodes_up"
 
 # name -> (type, label names): what /metrics exports; tests and the Grafana
@@ -68,6 +70,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     DELIVERY_DURATION: ("histogram", ()),
     DESTINATION_UP: ("gauge", ("destination",)),
     RECIPIENT_CHECKS: ("counter", ("result",)),
+    CALLOUTS: ("counter", ("result",)),
     NODES_UP: ("gauge", ()),
 }
 
@@ -283,6 +286,14 @@ class Metrics:
             registry=self.registry,
         )
         self._checks = {r: self._recipient_checks.labels(r) for r in RECIPIENT_CHECK_RESULTS}
+        callouts = Counter(
+            _base(CALLOUTS),
+            "Callout probes to a next hop at RCPT time, by what they taught: valid, invalid "
+            "or unknown.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._callouts = {r: callouts.labels(r) for r in CALLOUT_RESULTS}
         self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit)
         self.registry.register(self._destinations)
 
@@ -300,6 +311,10 @@ class Metrics:
     def recipient_checked(self, result: str) -> None:
         """One RCPT TO checked against known recipients or a static list."""
         self._checks[result].inc()
+
+    def callout(self, result: str) -> None:
+        """One callout probe ended (`verify = "callout"`)."""
+        self._callouts[result].inc()
 
     def session_started(self) -> None:
         self._sessions.inc()

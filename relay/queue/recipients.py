@@ -2,7 +2,8 @@
 
 Owns every statement on it: upserting what an attempt's replies taught (in
 the writer's transaction of that attempt: one statement for a whole group
-commit), `relay recipients import` and `forget` (one transaction each), and
+commit), what a callout at RCPT time taught, `relay recipients import` and
+`forget` (one transaction each), and
 the reads of the CLI and of the accept side's in-memory copy (everything
 changed since a time, with the row count that tells a deletion happened),
 and pruning what expired.
@@ -65,6 +66,16 @@ class KnownRecipientsTable(QueueBase):
         except SQLAlchemyError as exc:
             raise QueueError(one_line(exc)) from exc
         return len({recipient_key(a) for a in addresses})
+
+    def learn_recipients(self, learned: Sequence[Learned], now: datetime) -> int:
+        """Store what callouts taught (their own source), in one transaction;
+        not durable: a verdict lost in a crash is asked again."""
+        try:
+            with self._transaction(durable=False) as conn:
+                self._learn(conn, ((item, now) for item in learned))
+        except SQLAlchemyError as exc:
+            raise QueueError(one_line(exc)) from exc
+        return len({item.key for item in learned})
 
     def forget_recipients(self, addresses: Sequence[str]) -> list[str]:
         """Forget these addresses (any spelling of each); the keys that were known."""

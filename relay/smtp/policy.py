@@ -11,13 +11,16 @@ parameters, and re-reading a recipients file when it changes.
 With `verify = "learned"` and no list, the domain's known recipients decide
 (`verify.KnownRecipients`, an in-memory copy: no I/O at RCPT): known-invalid
 gets `550 5.1.1`, known-valid is accepted, an unknown address follows
-`unknown_recipient` (accepted, or `450 4.1.1`). Each such check, and each
+`unknown_recipient` (accepted, or `450 4.1.1`). With `verify = "callout"`
+an unknown address is first asked of the next hop (`verdict`, through
+`callouts.Callouts`, within the domain's `verify_timeout`): its answer decides
+the same way. Each such check (once, with its final result), and each
 decision of a list, is counted for `relay_recipient_checks_total`.
 
 Parsing domains and addresses is `relay.core.address`'s; matching is on the
 A-label form, so either spelling of a hosted domain is the same domain.
-Refuses I/O beyond an occasional `os.stat` and reading a changed recipients
-file, and refuses SMTP protocol state: `smtpd.py` decides when to ask and
+Refuses I/O beyond an occasional `os.stat`, reading a changed recipients
+file and awaiting a callout, and refuses SMTP protocol state: `smtpd.py` decides when to ask and
 what else to check (SMTPUTF8, limits, syntax of parameters).
 """
 
@@ -35,6 +38,7 @@ from relay.core.address import AddressError, destination_key, host_key, parse_ad
 from relay.core.config import Config, DomainConfig
 from relay.core.model import Reply
 from relay.core.recipients import KnownState, Ttl
+from relay.smtp.callouts import Callouts
 from relay.smtp.verify import KnownRecipients
 
 log = logging.getLogger("relay.smtp.policy")
@@ -215,13 +219,25 @@ _NO_TTL = Ttl(0.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
+class _Ask:
+    """Nothing is known of `key`: the next hop is to be asked (`callout`)."""
+
+    rules: _Domain
+    path: str  # as the client sent it
+    address: str  # as the next hop is asked: the domain in A-label form
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Domain:
     name: str
     entries: frozenset[str]  # local parts, full addresses, or "@domain" for everyone
     file: RecipientFile | None
-    learned: bool = False  # verify = "learned" (decides only without a list)
+    learned: bool = False  # verify = "learned" or "callout" (decides only without a list)
     tempfail: bool = False  # unknown_recipient = "tempfail"
     ttl: Ttl = _NO_TTL
+    callout: bool = False  # verify = "callout": an unknown address is asked of the next hop
+    timeout: float = 10.0  # verify_timeout
 
     @property
     def accepts_anyone(self) -> bool:
@@ -241,10 +257,14 @@ class Policy:
         known: KnownRecipients | None = None,
         checked: Callable[[str], None] | None = None,
         now: Callable[[], datetime] = _utc_now,
+        callouts: Callouts | None = None,
     ) -> None:
         """`known`: the learned recipients (without it, `verify` has no effect);
-        `checked`: told each check's result (`valid`, `invalid`, `unknown`, `static`)."""
+        `checked`: told each check's result (`valid`, `invalid`, `unknown`, `static`);
+        `callouts`: the probes of `verify = "callout"` (without it, callout
+        domains decide as `learned` ones)."""
         self._known = known if known is not None else KnownRecipients()
+        self._callouts = callouts
         self._checked = checked or (lambda result: None)
         self._now = now
         self._domains = {
@@ -262,8 +282,10 @@ class Policy:
         )
         return _Domain(
             name, frozenset(entry_key(e) for e in domain.recipients), file,
-            learned=domain.verify == "learned", tempfail=domain.unknown_recipient == "tempfail",
+            learned=domain.verify in ("learned", "callout"),
+            tempfail=domain.unknown_recipient == "tempfail",
             ttl=Ttl(domain.verify_valid_ttl, domain.verify_invalid_ttl),
+            callout=domain.verify == "callout", timeout=domain.verify_timeout,
         )
 
     @property
@@ -271,13 +293,37 @@ class Policy:
         """Some domain has `verify` on (the known recipients are worth keeping fresh)."""
         return any(d.learned for d in self._domains.values())
 
+    @property
+    def calls_out(self) -> bool:
+        """Some domain has `verify = "callout"`."""
+        return any(d.callout for d in self._domains.values())
+
     def hosted(self, domain: str) -> str | None:
         """The configured name of `domain` if we relay for it, else None."""
         key = host_key(domain)
         return key if key is not None and key in self._domains else None
 
+    async def verdict(self, path: str) -> Reply | None:
+        """`check_recipient`, with an unknown address of a callout domain
+        first asked of its next hop (never longer than `verify_timeout`)."""
+        judged = self._judge(path)
+        if not isinstance(judged, _Ask):
+            return judged
+        assert self._callouts is not None
+        state = await self._callouts.check(judged.address, judged.key, judged.rules.name,
+                                           judged.rules.timeout)
+        return self._decided(judged.rules, judged.path, state)
+
     def check_recipient(self, path: str) -> Reply | None:
-        """None when `RCPT TO:<path>` may be accepted, else the reply to give.
+        """None when `RCPT TO:<path>` may be accepted, else the reply to give;
+        without asking anyone (an unknown address of a callout domain is unknown)."""
+        judged = self._judge(path)
+        if isinstance(judged, _Ask):
+            return self._decided(judged.rules, judged.path, None)
+        return judged
+
+    def _judge(self, path: str) -> Reply | _Ask | None:
+        """The reply, or that the next hop is to be asked.
 
         Relay attempts of every shape get the same 554 as a foreign domain, so
         that a prober learns nothing about which trick came closest.
@@ -292,7 +338,7 @@ class Policy:
             return bad_recipient_syntax(path)
         rules = self._domains[key]
         if rules.accepts_anyone:
-            return self._learned(rules, path, f"{local.lower()}@{key}") if rules.learned else None
+            return self._learned(rules, path, local, key) if rules.learned else None
         wanted = local.lower()
         full = f"{wanted}@{key}"
         self._checked("static")
@@ -307,9 +353,16 @@ class Policy:
                 return None
         return user_unknown(path)
 
-    def _learned(self, rules: _Domain, path: str, key: str) -> Reply | None:
-        """What the next hop taught about `key` decides."""
+    def _learned(self, rules: _Domain, path: str, local: str, domain: str) -> Reply | _Ask | None:
+        """What the next hop taught about the address decides, or it is to be asked."""
+        key = f"{local.lower()}@{domain}"
         state = self._known.state(key, rules.ttl, self._now())
+        if state is None and rules.callout and self._callouts is not None:
+            return _Ask(rules, path, f"{local}@{domain}", key)
+        return self._decided(rules, path, state)
+
+    def _decided(self, rules: _Domain, path: str, state: KnownState | None) -> Reply | None:
+        """The reply for what is known (None: nothing), counted."""
         if state is KnownState.INVALID:
             self._checked("invalid")
             return user_unknown(path)

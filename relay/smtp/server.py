@@ -404,7 +404,7 @@ class RelaySMTP(SMTP):
             await self._refuse("smtputf8", "RCPT",
                                "553 5.6.7 Error: non-ASCII address without SMTPUTF8", sender)
             return
-        verdict = self._settings.policy.check_recipient(path)
+        verdict = await self._settings.policy.verdict(path)  # a callout may ask the next hop
         if verdict is not None:
             reason = POLICY_REASONS.get(verdict.code, "recipient")
             await self._refuse(reason, "RCPT", str(verdict), sender, path)

@@ -1,15 +1,16 @@
 """The accept side's copy of known recipients, refreshed from the queue.
 
 Owns the in-memory map RCPT TO consults when a domain has `verify =
-"learned"` (so a check costs a dictionary lookup, never a database round
+"learned"` or `"callout"` (so a check costs a dictionary lookup, never a database round
 trip): a full load at start, then every few seconds the rows seen since the
 newest one it has (with a few seconds' overlap for transactions that commit
 late) plus the row count, which tells that rows were added that the
 incremental read missed, or forgotten: then the copy is loaded whole again,
 as it is every few minutes anyway (a node whose clock lags stamps rows
-"in the past", where an incremental read does not look). What this node's own deliveries
-taught is added at once. Refuses to judge replies or to write: rules are
-`relay.core.recipients`', storage is the queue's.
+"in the past", where an incremental read does not look). What this node's
+own deliveries taught, or a callout's verdict, is added at once. Refuses to
+judge replies or to write: rules are `relay.core.recipients`', storage is
+the queue's.
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ class KnownRecipients:
     def __len__(self) -> int:
         return len(self._known)
 
-    def taught(self, learned: Iterable[Learned], at: datetime) -> None:
-        """What this node's own delivery taught, once the queue stored it."""
+    def taught(self, learned: Iterable[Learned], at: datetime, by: str = "a delivery") -> None:
+        """What this node's own delivery (or callout) taught, once the queue stored it."""
         count = 0
         for item in learned:
             self._known[item.key] = (item.state, at)
             count += 1
         if count:
-            log.debug("known recipients: %d taught by a delivery, %d known", count, len(self))
+            log.debug("known recipients: %d taught by %s, %d known", count, by, len(self))
 
     def apply(self, rows: Sequence[KnownRecipient], total: int, *, full: bool) -> int | None:
         """Take rows read from the queue: how many entries changed, or None

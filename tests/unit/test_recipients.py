@@ -174,11 +174,26 @@ def test_verify_off_consults_nothing_and_counts_nothing() -> None:
     assert not counted and not policy.verifies
 
 
-def test_callout_is_refused_by_the_config_with_a_reason() -> None:
+def test_callout_is_accepted_by_the_config_and_its_timeout_must_be_positive() -> None:
+    config = config_module.from_mapping(
+        {"domains": {"a.example": {"verify": "callout", "verify_timeout": "2s"}}}, env={})
+    assert config.domains["a.example"].verify == "callout"
+    assert config.domains["a.example"].verify_timeout == 2.0
     with pytest.raises(config_module.ConfigError) as info:
-        config_module.from_mapping({"domains": {"a.example": {"verify": "callout"}}}, env={})
-    assert info.value.problems == [
-        '<defaults>: domains.a.example.verify: "callout" is not built yet; use "off" or "learned"']
+        config_module.from_mapping(
+            {"domains": {"a.example": {"verify": "callout", "verify_timeout": "0s"}}}, env={})
+    [problem] = info.value.problems
+    assert problem.startswith("<defaults>: domains.a.example.verify_timeout: ")
+
+
+def test_without_callouts_a_callout_domain_decides_as_a_learned_one() -> None:
+    known = _known(("bob@company.example", KnownState.INVALID, T0))
+    counted = Counted()
+    policy = _policy(known, counted, verify="callout")
+    assert policy.verifies and policy.calls_out
+    assert policy.check_recipient("bob@company.example") is not None
+    assert policy.check_recipient("ann@company.example") is None
+    assert counted == {"invalid": 1, "unknown": 1}
 
 
 # -- the accept side's copy ------------------------------------------------------

@@ -108,7 +108,7 @@ def _table(rows: Sequence[KnownRecipient]) -> str:
 @config_option
 @click.pass_context
 def recipients_group(ctx: click.Context, config_path: str | None) -> None:
-    """Addresses the next hop accepted or refused (verify = "learned"): list, forget, import."""
+    """Addresses the next hop accepted or refused (learned, callout): list, forget, import."""
     root = ctx.find_root()
     if root.obj is None:
         root.obj = {}
