@@ -501,9 +501,10 @@ def _headers_part(original: bytes) -> bytes:
     it holds 8-bit octets, NULs or lines over 998 octets it is sent
     quoted-printable, which RFC 6522 allows for "broken or extended" headers;
     the decoded bytes are exactly the original's, with charset=utf-8 when
-    they are UTF-8. message/global-headers (RFC 6533) was the alternative,
-    but in 8bit it needs 8BITMIME and SMTPUTF8 at the sender's MX, which a
-    bounce cannot count on, and a quoted-printable message/* part is not
+    they are UTF-8. message/global-headers (RFC 6533) is used instead only
+    about a message that came with SMTPUTF8 (`_returned_part`): in 8bit it
+    needs 8BITMIME and SMTPUTF8 at the sender's MX, which a bounce of other
+    mail cannot count on, and a quoted-printable message/* part is not
     decoded by common parsers (Python's email among them).
     """
     lines = _header_section(original)

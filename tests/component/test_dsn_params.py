@@ -179,6 +179,10 @@ async def test_bad_or_repeated_parameters_get_501_and_change_nothing(
         (f"bob@{DOMAIN}", ["SUCCESS", "FAILURE"], f"rfc822;Bob+2Bx@{DOMAIN}"),
         (f"dan@{DOMAIN}", None, None),  # carol's refused RCPTs left nothing behind
     ]
+    text = CliRunner().invoke(main_group, ["queue", "show", shown["id"], "-c", str(path)],
+                              catch_exceptions=False).stdout
+    assert f"    NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob+2Bx@{DOMAIN}\n" in text
+    assert text.count("NOTIFY=") == 1
     sink.release_data()
 
 

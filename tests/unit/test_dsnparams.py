@@ -131,3 +131,12 @@ def test_utf8_orcpt_goes_7bit_to_a_hop_without_smtputf8() -> None:
 ])
 def test_wants(notify: tuple[str, ...] | None, event: str, wanted: bool) -> None:
     assert wants(notify, event) is wanted
+
+
+def test_only_orcpt_may_carry_raw_utf8_on_the_command_line() -> None:
+    from relay.smtp.policy import PathSyntaxError, split_path
+
+    assert split_path("<a@b.example> ORCPT=utf-8;jörg@b.example NOTIFY=NEVER") == (
+        "a@b.example", ["ORCPT=utf-8;jörg@b.example", "NOTIFY=NEVER"])
+    with pytest.raises(PathSyntaxError):
+        split_path("<a@b.example> ENVID=jörg")
