@@ -239,3 +239,15 @@ async def test_a_next_hop_without_dsn_gets_none_and_we_report(
     assert b"The secret body." not in failed_data
     await mail_log.wait(lambda: mail_log.count(f"{queue_id}: dsn ") == 2)
     assert mail_log.count("kind=relayed") == 1 and mail_log.count("kind=failed") == 1
+
+
+async def test_a_utf8_orcpt_goes_7bit_to_a_hop_without_smtputf8(
+    relay: Callable[..., Any], sink: Sink, mail_log: LogLines,
+) -> None:
+    sink.dsn, sink.smtputf8 = True, False  # an all-ASCII message may still go there
+    port, _ = await relay()
+    await send(port, " SMTPUTF8", f"<bob@{DOMAIN}> ORCPT=utf-8;jörg@{DOMAIN}")
+    await mail_log.wait(lambda: mail_log.count(": delivered ") == 1)
+    [message] = sink.received
+    assert not message.smtputf8
+    assert message.dsn_rcpt == ((f"bob@{DOMAIN}", (f"ORCPT=utf-8;j\\x{{F6}}rg@{DOMAIN}",)),)
