@@ -95,9 +95,11 @@ def attempt_results(message: Claimed, decision: Decision, now: datetime,
         fields["reply"] = update.reply
         _emit(update.outcome, message.id, **fields)
     for dsn in result.dsns:
-        _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn.id,
-              kind="delayed" if not any(u.status.final for u in result.recipients)
-              else "failed")
+        if b"\r\nAction: relayed\r\n" in dsn.data:  # RFC 3461 NOTIFY=SUCCESS, no DSN next hop
+            kind = "relayed"
+        else:
+            kind = "delayed" if not any(u.status.final for u in result.recipients) else "failed"
+        _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn.id, kind=kind)
 
 
 def delay_warning(message: Claimed, dsn_id: str) -> None:

@@ -11,6 +11,8 @@ import enum
 import re
 from dataclasses import dataclass, field
 
+from relay.core.dsnparams import NO_MAIL_PARAMS, MailParams, RcptParams
+
 _ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
@@ -136,6 +138,8 @@ class OutboundMessage:
     data: bytes  # exactly the stored bytes, CRLF line endings
     smtputf8: bool = False
     eightbit: bool = False
+    dsn: MailParams = NO_MAIL_PARAMS  # RFC 3461 RET, ENVID: for a hop that offers DSN
+    rcpt_dsn: tuple[tuple[str, RcptParams], ...] = ()  # NOTIFY, ORCPT of those that gave any
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,3 +150,4 @@ class DeliveryReport:
     remote_host: str | None = None  # "host[ip]:port" that gave the replies, if any
     site_failure: bool = False  # no hop could even start a transaction
     errors: tuple[str, ...] = field(default_factory=tuple)  # per-hop reasons, for the log
+    hop_dsn: bool = False  # the hop that gave the replies offered DSN: it reports success

@@ -6,10 +6,20 @@ message/delivery-status part (RFC 3464) and the original header section, with
 CRLF line endings, lines of at most 998 octets (RFC 5322 2.1.1) and a 7-bit
 body, so any MX that accepts mail can take it.
 
+It carries the RFC 3461 parameters it is given: ENVID as
+`Original-Envelope-Id`, ORCPT as `Original-Recipient`, and RET: the whole
+original comes back (message/rfc822) only in a failure report with
+RET=FULL; otherwise, and when the original cannot go whole (a NUL, a line
+over 998 octets), its header section. About a message received with
+SMTPUTF8 whose addresses or headers are UTF-8 it uses RFC 6533's types:
+message/global-delivery-status (addresses as utf-8-addr-unitext),
+message/global-headers and message/global, in 8bit; the report then needs
+SMTPUTF8 (and 8BITMIME) on the way back, as the original did.
+
 Refuses everything else: no I/O and no clock ("now" is a parameter), no
 decision about *whether* to notify (null senders, NOTIFY=, which recipients)
-and no queueing. It never returns the original body (it behaves as RET=HDRS),
-and it refuses a null sender: a bounce of a bounce is the caller's bug.
+and no queueing; it refuses a null sender: a bounce of a bounce is the
+caller's bug.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from relay.core.model import Reply
 
 __all__ = ["Action", "Dsn", "RecipientNotice", "build_dsn"]
 
-Action = Literal["failed", "delayed"]
+Action = Literal["failed", "delayed", "relayed"]
 
 _CRLF = "\r\n"
 _SOFT_WIDTH = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
@@ -50,15 +60,17 @@ class RecipientNotice:
     remote_mta: str | None = None  # host that gave the reply; None for local failures
     last_attempt: datetime | None = None
     will_retry_until: datetime | None = None  # only reported for "delayed"
+    original_recipient: tuple[str, str] | None = None  # ORCPT: (addr-type, decoded address)
 
 
 @dataclass(frozen=True, slots=True)
 class Dsn:
     """A built DSN and what the transport must negotiate to send it.
 
-    The body is always 7-bit; the data holds 8-bit octets only when the
-    envelope sender (the To: field) is an internationalized address, and then
-    the DSN needs SMTPUTF8 anyway, as its RCPT TO does.
+    The data holds 8-bit octets only when the envelope sender (the To:
+    field) is an internationalized address, or a part is one of RFC 6533's
+    UTF-8 types or an 8-bit original: then the DSN needs SMTPUTF8 (or
+    8BITMIME) as the original did.
     """
 
     data: bytes
@@ -76,10 +88,15 @@ def build_dsn(
     now: datetime,
     notices: Sequence[RecipientNotice],
     original: bytes,
+    envid: str | None = None,
+    ret: str | None = None,
+    smtputf8: bool = False,
 ) -> Dsn:
     """Build the DSN telling `original_sender` about `notices`.
 
-    `original` is the stored message; only its header section is returned.
+    `original` is the stored message; only its header section is returned
+    unless `ret` is "FULL" and some recipient failed. `envid` is the decoded
+    ENVID; `smtputf8`: the original came with SMTPUTF8 (RFC 6533 types allowed).
     Raises ValueError for inputs that would make a malformed or looping DSN:
     a null or control-character sender, ids or host names that are not plain
     tokens, naive datetimes, no notices, or an unknown action.
@@ -93,21 +110,27 @@ def build_dsn(
     for when in (arrival, now):
         _check_aware(when)
     for notice in notices:
-        if notice.action not in ("failed", "delayed"):
+        if notice.action not in ("failed", "delayed", "relayed"):
             raise ValueError(f"unknown DSN action {notice.action!r}")
         for optional in (notice.last_attempt, notice.will_retry_until):
             if optional is not None:
                 _check_aware(optional)
 
-    failed = any(n.action == "failed" for n in notices)
-    subject = (
-        "Undelivered Mail Returned to Sender" if failed else "Delayed Mail (still being retried)"
-    )
+    if envid is not None and not all(0x20 <= ord(c) < 0x7F for c in envid):
+        raise ValueError(f"envid must be printable ASCII, got {envid!r}")
 
+    failed = any(n.action == "failed" for n in notices)
+    if failed:
+        subject = "Undelivered Mail Returned to Sender"
+    elif any(n.action == "delayed" for n in notices):
+        subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Successful Mail Delivery Report"
+    unicode = smtputf8 and _needs_global(notices, original)
     parts = [
         _text_part(reporting_mta, notices),
-        _status_part(reporting_mta, queue_id, arrival, notices),
-        _headers_part(original),
+        _status_part(reporting_mta, queue_id, arrival, notices, envid, unicode),
+        _returned_part(original, unicode, whole=failed and ret == "FULL"),
     ]
     boundary = _boundary(dsn_id, parts)
 
@@ -130,7 +153,7 @@ def build_dsn(
     data = bytes(out)
     return Dsn(
         data=data,
-        smtputf8=not original_sender.isascii(),
+        smtputf8=unicode or not original_sender.isascii(),
         eightbit=not data.isascii(),
     )
 
@@ -210,19 +233,39 @@ def _fold(name: str, value: str) -> list[str]:
     return lines
 
 
-def _typed_address(address: str) -> str:
-    """An address with its RFC 3464 address type, always 7-bit.
+def _typed_address(address: str, unicode: bool = False) -> str:
+    """An address with its RFC 3464 address type.
 
     Plain printable ASCII is `rfc822; addr`. Anything else (non-ASCII, spaces,
     controls) is `utf-8; ` in RFC 6533's utf-8-addr-xtext form, which escapes
-    every character outside QCHAR as \\x{HEX} and so round-trips exactly.
+    every character outside QCHAR as \\x{HEX} and so round-trips exactly;
+    with `unicode` (message/global-delivery-status) in its utf-8-addr-unitext
+    form, which keeps non-ASCII characters as they are.
     """
     if address and all(0x21 <= ord(c) <= 0x7E for c in address):
         return f"rfc822; {address}"
     escaped = "".join(
-        c if 0x21 <= ord(c) <= 0x7E and c not in "\\+=" else f"\\x{{{ord(c):X}}}" for c in address
+        c if (0x21 <= ord(c) <= 0x7E and c not in "\\+=") or (unicode and ord(c) > 0x9F)
+        else f"\\x{{{ord(c):X}}}" for c in address
     )
     return f"utf-8; {escaped}"
+
+
+def _original_recipient(kind: str, address: str, unicode: bool) -> str:
+    """Original-Recipient: ORCPT's type and its decoded address (RFC 3464 2.3.1)."""
+    if kind == "rfc822" and address and all(0x21 <= ord(c) <= 0x7E for c in address):
+        return f"rfc822; {address}"
+    return _typed_address(address, unicode)
+
+
+def _needs_global(notices: Sequence[RecipientNotice], original: bytes) -> bool:
+    """Does a UTF-8 address or header call for RFC 6533's types?"""
+    addresses = [n.address for n in notices]
+    addresses += [n.original_recipient[1] for n in notices if n.original_recipient]
+    if not all(a.isascii() for a in addresses):
+        return True
+    raw = b"".join(_header_section(original))
+    return not raw.isascii() and _is_utf8(raw)
 
 
 def _remote_host(remote_mta: str | None) -> str | None:
@@ -243,6 +286,8 @@ def _status(notice: RecipientNotice) -> str:
     status = reply.enhanced_status
     if not _STATUS.fullmatch(status):  # Reply.enhanced_status accepts any Unicode digit
         status = {4: "4.0.0", 5: "5.0.0"}.get(reply.code // 100, "4.0.0")
+    if notice.action == "relayed":  # handed on: success as far as we go
+        return status if status[0] == "2" else "2.0.0"
     if notice.action == "failed":
         if status[0] == "5":
             return status
@@ -297,6 +342,17 @@ def _text_part(reporting_mta: str, notices: Sequence[RecipientNotice]) -> bytes:
             ),
             *((_describe(n), "    ") for n in delayed),
         ]
+    relayed = [n for n in notices if n.action == "relayed"]
+    if relayed:
+        paragraphs += [
+            (
+                "Your message was passed on to the next mail system for the recipients"
+                " listed below, as you asked to be told. That system does not send"
+                " delivery notices, so you will hear nothing more about them from it.",
+                "",
+            ),
+            *((_describe(n), "    ") for n in relayed),
+        ]
     lines: list[str] = []
     for paragraph, indent in paragraphs:
         if lines:
@@ -349,18 +405,26 @@ def _status_part(
     queue_id: str,
     arrival: datetime,
     notices: Sequence[RecipientNotice],
+    envid: str | None = None,
+    unicode: bool = False,
 ) -> bytes:
-    """Part 2: message/delivery-status, one field block per recipient."""
+    """Part 2: message/delivery-status (message/global-delivery-status with
+    `unicode`: RFC 6533), one field block per recipient."""
     blocks = [
         [
+            *(_fold("Original-Envelope-Id", envid) if envid is not None else []),
             f"Reporting-MTA: dns; {reporting_mta}",
             f"X-Queue-ID: {queue_id}",
             f"Arrival-Date: {format_datetime(arrival)}",
         ]
     ]
     for notice in notices:
-        block = [
-            *_fold("Final-Recipient", _typed_address(notice.address)),
+        block = []
+        if notice.original_recipient is not None:
+            block += _fold("Original-Recipient",
+                           _original_recipient(*notice.original_recipient, unicode))
+        block += [
+            *_fold("Final-Recipient", _typed_address(notice.address, unicode)),
             f"Action: {notice.action}",
             f"Status: {_status(notice)}",
         ]
@@ -374,6 +438,10 @@ def _status_part(
             block.append(f"Will-Retry-Until: {format_datetime(notice.will_retry_until)}")
         blocks.append(block)
     body = (_CRLF + _CRLF).join(_CRLF.join(block) for block in blocks) + _CRLF
+    if unicode:
+        return _part(["Content-Description: Delivery report",
+                      "Content-Type: message/global-delivery-status",
+                      "Content-Transfer-Encoding: 8bit"], body.encode("utf-8"))
     return _part(
         [
             "Content-Description: Delivery report",
@@ -399,6 +467,33 @@ def _header_section(original: bytes) -> list[bytes]:
     return lines
 
 
+def _returned_part(original: bytes, unicode: bool, whole: bool) -> bytes:
+    """Part 3: the original whole (RET=FULL, in a failure report) when it can
+    go as message/rfc822 (7bit, or 8bit for an 8BITMIME body) or, with
+    `unicode`, message/global; otherwise its header section."""
+    lines = _LINE_BREAK.split(original)
+    if whole and b"\x00" not in original and _fits(lines):
+        header = ["Content-Description: Undelivered Message"]
+        raw = original if original.endswith(b"\r\n") else original + b"\r\n"
+        if raw.isascii():
+            return _part([*header, "Content-Type: message/rfc822"], raw)
+        headers = b"".join(_header_section(original))
+        if headers.isascii():
+            return _part([*header, "Content-Type: message/rfc822",
+                          "Content-Transfer-Encoding: 8bit"], raw)
+        if unicode and _is_utf8(headers):
+            return _part([*header, "Content-Type: message/global",
+                          "Content-Transfer-Encoding: 8bit"], raw)
+    if unicode:
+        lines = _header_section(original)
+        raw = b"".join(line + b"\r\n" for line in lines)
+        if not raw.isascii() and _is_utf8(raw) and b"\x00" not in raw and _fits(lines):
+            return _part(["Content-Description: Undelivered Message Headers",
+                          "Content-Type: message/global-headers",
+                          "Content-Transfer-Encoding: 8bit"], raw)
+    return _headers_part(original)
+
+
 def _headers_part(original: bytes) -> bytes:
     """Part 3: the original header section, byte for byte when it can be.
 
@@ -406,9 +501,10 @@ def _headers_part(original: bytes) -> bytes:
     it holds 8-bit octets, NULs or lines over 998 octets it is sent
     quoted-printable, which RFC 6522 allows for "broken or extended" headers;
     the decoded bytes are exactly the original's, with charset=utf-8 when
-    they are UTF-8. message/global-headers (RFC 6533) was the alternative,
-    but in 8bit it needs 8BITMIME and SMTPUTF8 at the sender's MX, which a
-    bounce cannot count on, and a quoted-printable message/* part is not
+    they are UTF-8. message/global-headers (RFC 6533) is used instead only
+    about a message that came with SMTPUTF8 (`_returned_part`): in 8bit it
+    needs 8BITMIME and SMTPUTF8 at the sender's MX, which a bounce of other
+    mail cannot count on, and a quoted-printable message/* part is not
     decoded by common parsers (Python's email among them).
     """
     lines = _header_section(original)

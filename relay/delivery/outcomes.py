@@ -3,7 +3,10 @@
 Owns the rules that turn one attempt's replies (or a routing failure, or
 expiry) into recipient statuses, the next attempt time, what the attempt
 tells about its destination (an `AttemptOutcome`: `relay.core.destination`
-decides the state) and the DSNs to queue. Refuses to store anything: it
+decides the state) and the DSNs to queue: failure and delay reports as each
+recipient's RFC 3461 NOTIFY asks, and `Action: relayed` to a recipient that
+asked for SUCCESS when the hop that took it does not offer DSN (one that
+does reports success itself). Refuses to store anything: it
 returns an `Attempt` for the queue to record, so every rule is table-testable.
 """
 
@@ -16,6 +19,7 @@ from datetime import datetime, timedelta
 
 from relay.core.config import Config
 from relay.core.destination import AttemptOutcome
+from relay.core.dsnparams import orcpt_address, wants, xtext_decode
 from relay.core.model import UNCERTAIN_PREFIX, DeliveryReport, Outcome, RecipientStatus, Reply
 from relay.core.recipients import Learned, Ttl, learned_from
 from relay.delivery.backoff import BackoffPolicy
@@ -143,8 +147,12 @@ def decide(
         next_attempt = rules.backoff.next_attempt(now, message.attempts + 1, rules.rng)
 
     dsns: list[NewMessage] = []
+    bounced = _asked(bounced, "FAILURE")
     if bounced and message.sender and not message.is_dsn:
         dsns.append(_dsn(rules, message, now, original, "failed", bounced, remote))
+    relayed = _relayed(message, report, replies)
+    if relayed and message.sender and not message.is_dsn:
+        dsns.append(_dsn(rules, message, now, original, "relayed", relayed, remote))
     warn = (
         bool(deferred)
         and rules.delay_warning > 0
@@ -153,8 +161,9 @@ def decide(
         and not message.is_dsn
         and now - message.received_at >= timedelta(seconds=rules.delay_warning)
     )
-    if warn:
-        dsns.append(_dsn(rules, message, now, original, "delayed", deferred, remote))
+    if warn and _asked(deferred, "DELAY"):
+        dsns.append(_dsn(rules, message, now, original, "delayed", _asked(deferred, "DELAY"),
+                         remote))
 
     attempt = Attempt(
         message_id=message.id,
@@ -172,6 +181,25 @@ def decide(
         learned=_learned(rules, message, report),
     )
     return Decision(attempt, tuple(results), verdict)
+
+
+def _asked(
+    recipients: Sequence[tuple[PendingRecipient, Reply]], event: str
+) -> list[tuple[PendingRecipient, Reply]]:
+    """Those whose NOTIFY asks for a DSN on `event` (FAILURE, DELAY, SUCCESS)."""
+    return [(rcpt, reply) for rcpt, reply in recipients if wants(rcpt.params.notify, event)]
+
+
+def _relayed(
+    message: Claimed, report: DeliveryReport | NoRoute | None, replies: Mapping[str, Reply]
+) -> list[tuple[PendingRecipient, Reply]]:
+    """Delivered recipients that asked for SUCCESS from a hop that does not
+    offer DSN: RFC 3461 4.1 makes us tell them it was `relayed`."""
+    if not isinstance(report, DeliveryReport) or report.hop_dsn:
+        return []
+    delivered = [(rcpt, replies[rcpt.address]) for rcpt in message.recipients
+                 if replies[rcpt.address].outcome is Outcome.DELIVERED]
+    return _asked(delivered, "SUCCESS")
 
 
 def _learned(
@@ -246,8 +274,8 @@ def delay_notice(
     recipients and the next attempt time are unchanged.
     """
     reply = _last_reply(message.last_error)
-    dsn = _dsn(rules, message, now, original, "delayed",
-               [(rcpt, reply) for rcpt in message.recipients], "")
+    asked = _asked([(rcpt, reply) for rcpt in message.recipients], "DELAY")
+    dsns = (_dsn(rules, message, now, original, "delayed", asked, ""),) if asked else ()
     return Attempt(
         message_id=message.id,
         owner=owner,
@@ -256,7 +284,7 @@ def delay_notice(
         recipients=(),
         next_attempt_at=message.next_attempt_at,
         last_error=message.last_error,
-        dsns=(dsn,),
+        dsns=dsns,
         destination=DestinationUpdate(message.destination, AttemptOutcome.RETURNED),
         counted=False,
         delay_warned=True,
@@ -279,12 +307,14 @@ def _dsn(
             address=rcpt.address,
             action=action,  # type: ignore[arg-type]
             reply=reply,
-            remote_mta=remote_mta if reply.code >= 400 and remote_mta else None,
+            remote_mta=remote_mta if (reply.code >= 400 or action == "relayed") else None,
             last_attempt=now,
             will_retry_until=until if action == "delayed" else None,
+            original_recipient=_orcpt(rcpt),
         )
         for rcpt, reply in recipients
     ]
+    envid = xtext_decode(message.dsn.envid) if message.dsn.envid is not None else None
     dsn_id = rules.new_id()
     built = build_dsn(
         reporting_mta=rules.hostname,
@@ -295,6 +325,9 @@ def _dsn(
         now=now,
         notices=notices,
         original=original,
+        envid=envid if isinstance(envid, str) else None,
+        ret=message.dsn.ret,
+        smtputf8=message.smtputf8,
     )
     return NewMessage(
         id=dsn_id,
@@ -306,3 +339,11 @@ def _dsn(
         eightbit=built.eightbit,
         is_dsn=True,
     )
+
+
+def _orcpt(rcpt: PendingRecipient) -> tuple[str, str] | None:
+    """ORCPT as (addr-type, address) for Original-Recipient; checked when given."""
+    if rcpt.params.orcpt is None:
+        return None
+    parsed = orcpt_address(rcpt.params.orcpt)
+    return parsed if isinstance(parsed, tuple) else None

@@ -26,6 +26,7 @@ from typing import Protocol
 from relay.core import maillog
 from relay.core.clock import Clock
 from relay.core.destination import Action, AttemptOutcome, State, Transition, transition
+from relay.core.dsnparams import NO_RCPT_PARAMS
 from relay.core.model import DeliveryReport, OutboundMessage, Outcome
 from relay.core.recipients import Learned
 from relay.delivery.outcomes import Decision, Rules, decide, delay_notice
@@ -455,7 +456,7 @@ class Scheduler:
         duration = time.monotonic() - started
         maillog.attempt_results(message, decision, now, duration)
         self._count(message.destination, decision, duration)
-        if any(outcome is Outcome.BOUNCED for _, outcome, _ in decision.results):
+        if decision.attempt.dsns:
             self.wake()  # a DSN was queued
         if decision.outcome is AttemptOutcome.SITE_FAILURE:
             # The mail log says it once, when the queue records the transition.
@@ -491,6 +492,9 @@ class Scheduler:
             data=original,
             smtputf8=message.smtputf8,
             eightbit=message.eightbit,
+            dsn=message.dsn,
+            rcpt_dsn=tuple((r.address, r.params) for r in message.recipients
+                           if r.params != NO_RCPT_PARAMS),
         )
         return await self._transport.deliver(outbound, route.hops)
 

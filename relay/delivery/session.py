@@ -40,6 +40,7 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import SMTPProtocol
 
+from relay.core.dsnparams import NO_RCPT_PARAMS
 from relay.core.model import Hop, OutboundMessage, Reply
 from relay.delivery.replies import (
     HARD_FAILURE,
@@ -181,6 +182,7 @@ class Session:
         self._raw: asyncio.Transport | None = None  # the TCP transport, under any TLS
         self._connected = False  # a TCP connection was made: close() waits for its end
         self._needs_rset = False
+        self.offers_dsn = False  # its EHLO listed DSN (RFC 3461): known after send()
 
     # ------------------------------------------------------------ opening
 
@@ -358,6 +360,10 @@ class Session:
                 )
         if message.eightbit and smtp.supports_extension("8bitmime"):
             options.append(b"BODY=8BITMIME")
+        dsn = self.offers_dsn = smtp.supports_extension("dsn")  # else none go on (RFC 3461 4)
+        rcpt_dsn = dict(message.rcpt_dsn) if dsn else {}
+        if dsn:
+            options += [option.encode("ascii") for option in message.dsn.options()]
         if smtp.supports_extension("size"):
             options.append(b"SIZE=%d" % len(message.data))
             limit = smtp.esmtp_extensions.get("size", "").strip()
@@ -371,6 +377,7 @@ class Session:
                     ),
                 )
 
+        utf8 = message.smtputf8 and smtp.supports_extension("smtputf8")
         encoding = "utf-8" if message.smtputf8 else "ascii"
         try:
             sender = f"<{message.sender}>".encode(encoding)
@@ -405,7 +412,10 @@ class Session:
             except UnicodeEncodeError:
                 address = f"<{rcpt}>".encode()
             try:
-                response = await self._command(b"RCPT", b"TO:" + address, stage="sending RCPT TO")
+                params = rcpt_dsn.get(rcpt, NO_RCPT_PARAMS).options(utf8)
+                response = await self._command(b"RCPT", b"TO:" + address,
+                                               *(p.encode() for p in params),
+                                               stage="sending RCPT TO")
             except ValueError:
                 replies[rcpt] = Reply(HARD_FAILURE, "5.1.3 Bad recipient address syntax")
                 continue

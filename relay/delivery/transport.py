@@ -104,7 +104,7 @@ class SmtpTransport:
                 tls = self.tls
                 while True:
                     try:
-                        replies = await self._attempt(message, hop, tls)
+                        replies, hop_dsn = await self._attempt(message, hop, tls)
                     except TlsHandshakeFailure as failure:
                         errors.append(str(failure.reply))
                         log.info("%s: %s", message.queue_id, failure.reply)
@@ -118,9 +118,8 @@ class SmtpTransport:
                         log.info("%s: %s", message.queue_id, failure.reply)
                         last = failure.reply
                         break
-                    return DeliveryReport(
-                        replies=replies, remote_host=hop_label(hop), errors=tuple(errors)
-                    )
+                    return DeliveryReport(replies=replies, remote_host=hop_label(hop),
+                                          errors=tuple(errors), hop_dsn=hop_dsn)
         except Exception as exc:  # a bug here must not lose the message: defer it
             log.exception("%s: unexpected error in the SMTP client", message.queue_id)
             reply = Reply(SOFT_FAILURE, f"4.3.0 local error in the SMTP client: {exc!r}")
@@ -138,7 +137,8 @@ class SmtpTransport:
 
     async def _attempt(
         self, message: OutboundMessage, hop: Hop, tls: TlsPolicy
-    ) -> dict[str, Reply]:
+    ) -> tuple[dict[str, Reply], bool]:
+        """The replies of one hop, and whether it offered DSN."""
         key = (hop.address, hop.port)
         while (cached := self._take_idle(key)) is not None:
             try:
@@ -151,7 +151,7 @@ class SmtpTransport:
                 raise
             cached.sent += 1
             await self._keep_or_close(key, cached)
-            return replies
+            return replies, cached.session.offers_dsn
         session = Session(
             hop,
             helo_name=self.helo_name,
@@ -169,7 +169,7 @@ class SmtpTransport:
             await session.close()
             raise
         await self._keep_or_close(key, _Cached(session, time.monotonic(), sent=1))
-        return replies
+        return replies, session.offers_dsn
 
     # ------------------------------------------------------------ connection cache
 

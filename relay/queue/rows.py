@@ -16,6 +16,7 @@ from ulid import ULID
 
 from relay.core.address import destination_key
 from relay.core.destination import AttemptOutcome
+from relay.core.dsnparams import NO_MAIL_PARAMS, NO_RCPT_PARAMS, MailParams, RcptParams
 from relay.core.model import UNCERTAIN_PREFIX, Outcome, RecipientStatus
 from relay.core.recipients import Learned
 
@@ -47,6 +48,8 @@ class NewMessage:
     smtputf8: bool = False
     eightbit: bool = False
     is_dsn: bool = False
+    dsn: MailParams = NO_MAIL_PARAMS  # RFC 3461 RET, ENVID
+    rcpt_dsn: tuple[tuple[str, RcptParams], ...] = ()  # NOTIFY, ORCPT of those that gave any
 
     def split_by_destination(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(queue id, destination, recipients): one queue entry per recipient domain.
@@ -68,6 +71,7 @@ class PendingRecipient:
     address: str
     status: RecipientStatus
     attempts: int
+    params: RcptParams = NO_RCPT_PARAMS  # its RFC 3461 NOTIFY and ORCPT
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,7 @@ class Claimed:
     last_error: str = ""
     taken_over: bool = False  # from a node that stopped renewing its lease
     probe: bool = False  # its destination is down: this attempt probes it for the cluster
+    dsn: MailParams = NO_MAIL_PARAMS  # RFC 3461 RET, ENVID
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,8 @@ class RecipientView:
     status: str
     attempts: int
     last_reply: str
+    notify: tuple[str, ...] | None = None  # RFC 3461 NOTIFY words; None: not given
+    orcpt: str | None = None  # RFC 3461 ORCPT as given
 
     @property
     def uncertain(self) -> bool:

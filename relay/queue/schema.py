@@ -94,6 +94,9 @@ messages = Table(
     Column("lease_owner", String(255), nullable=True),
     Column("lease_expires_at", UtcDateTime, nullable=True),
     Column("delay_warned", Boolean, nullable=False, default=False),
+    # RFC 3461 RET (FULL/HDRS) and ENVID (xtext as given); NULL: not given
+    Column("dsn_ret", String(4), nullable=True),
+    Column("dsn_envid", String(100), nullable=True),
     Index("ix_messages_due", "state", "next_attempt_at"),
     # the delay-warning sweep reads only messages not yet warned
     Index("ix_messages_unwarned", "delay_warned", "received_at"),
@@ -112,6 +115,9 @@ recipients = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_reply", Text, nullable=False, default=""),
     Column("last_attempt_at", UtcDateTime, nullable=True),
+    # RFC 3461 NOTIFY (words joined by ",") and ORCPT (as given); NULL: not given
+    Column("notify", String(32), nullable=True),
+    Column("orcpt", String(500), nullable=True),
 )
 
 destinations = Table(

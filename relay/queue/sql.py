@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeEngine
 
 from relay.core.address import destination_key
+from relay.core.dsnparams import NO_RCPT_PARAMS, notify_text
 from relay.core.model import MessageState, RecipientStatus
 from relay.queue.rows import NewMessage, Selector
 from relay.queue.schema import bodies, delivery_log, messages, recipients
@@ -31,9 +32,11 @@ IDS_PER_STATEMENT = 500  # an operator's "delete --all" may name a million
 _MESSAGE_COLUMNS = (
     "id", "body_id", "destination", "sender", "size", "received_at", "client_address",
     "client_helo", "smtputf8", "eightbit", "is_dsn", "state", "next_attempt_at", "attempts",
-    "last_error", "delay_warned",
+    "last_error", "delay_warned", "dsn_ret", "dsn_envid",
 )
-_RECIPIENT_COLUMNS = ("message_id", "address", "status", "attempts", "last_reply")
+_RECIPIENT_COLUMNS = (
+    "message_id", "address", "status", "attempts", "last_reply", "notify", "orcpt",
+)
 _LOG_COLUMNS = ("message_id", "recipient", "at", "outcome", "reply", "remote_host")
 
 
@@ -249,13 +252,18 @@ class QueueBase:
              dest, m.received_at,  # due now, or parked if its destination is down
              0, "",
              # nobody to warn for a null sender: never in the sweep's way
-             m.is_dsn or m.sender == "")
+             m.is_dsn or m.sender == "",
+             m.dsn.ret, m.dsn.envid)
             for m, qid, dest, _ in entries
         ])
         queued = RecipientStatus.QUEUED.value
-        self._insert_recipients(conn, [
-            (qid, rcpt, queued, 0, "") for _, qid, _, rcpts in entries for rcpt in rcpts
-        ])
+        rows = []
+        for m, qid, _, rcpts in entries:
+            given = dict(m.rcpt_dsn)  # RFC 3461 NOTIFY, ORCPT of those that gave any
+            for rcpt in rcpts:
+                p = given.get(rcpt, NO_RCPT_PARAMS)
+                rows.append((qid, rcpt, queued, 0, "", notify_text(p.notify), p.orcpt))
+        self._insert_recipients(conn, rows)
 
     def _remove(self, conn: Connection, ids: Sequence[str]) -> list[Removed]:
         """Delete these messages (their recipients go by ON DELETE CASCADE) and

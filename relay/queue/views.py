@@ -17,6 +17,7 @@ from sqlalchemy import Connection, func, literal, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.core.address import destination_key
+from relay.core.dsnparams import notify_words
 from relay.core.model import MessageState
 from relay.queue.rows import DestinationView, MessageView, QueueError, RecipientView, Stats
 from relay.queue.schema import (
@@ -67,7 +68,8 @@ class Views(QueueBase):
                     .order_by(recipients.c.id)
                 ):
                     rcpts.setdefault(r.message_id, []).append(
-                        RecipientView(r.address, r.status, r.attempts, r.last_reply)
+                        RecipientView(r.address, r.status, r.attempts, r.last_reply,
+                                      notify_words(r.notify), r.orcpt)
                     )
             retry = {
                 row.name: row.retry_at

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Select, delete, func, insert, or_, select, te
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.core.destination import AttemptOutcome, State
+from relay.core.dsnparams import MailParams, RcptParams, notify_words
 from relay.core.model import MessageState, RecipientStatus
 from relay.core.recipients import Learned
 from relay.queue.destinations import DestinationTable
@@ -179,7 +180,8 @@ class Writes(KnownRecipientsTable, DestinationTable, NodeTable):
                 .order_by(recipients.c.id)
             ):
                 rcpts.setdefault(r.message_id, []).append(
-                    PendingRecipient(r.id, r.address, RecipientStatus(r.status), r.attempts)
+                    PendingRecipient(r.id, r.address, RecipientStatus(r.status), r.attempts,
+                                     RcptParams(notify_words(r.notify), r.orcpt))
                 )
         claimed = [
             Claimed(
@@ -200,6 +202,7 @@ class Writes(KnownRecipientsTable, DestinationTable, NodeTable):
                 last_error=m.last_error,
                 taken_over=m.id in taken,
                 probe=m.destination in down,
+                dsn=MailParams(m.dsn_ret, m.dsn_envid),
             )
             for m in rows
         ]

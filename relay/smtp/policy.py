@@ -49,7 +49,9 @@ _ROUTING_CHARS = frozenset('%!@"')
 # RFC 5321 atext plus "." (a dot-string); "%" and "!" are caught first above.
 # Non-ASCII is allowed here: smtpd checks SMTPUTF8 before asking us.
 _LOCAL_RE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\x80-\U0010ffff]+")
-_PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?")
+# An ORCPT value may be RFC 6533 utf-8-addr-unitext: raw UTF-8 (SMTPUTF8 only).
+_PARAM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?"
+                       r"|(?i:ORCPT)=[!-<>-~\x80-\U0010ffff]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3, without the angle brackets' slack
 

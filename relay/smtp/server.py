@@ -35,13 +35,14 @@ import sys
 from datetime import datetime
 from typing import cast
 
-from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, login_always_fail
+from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 
 from relay.core import maillog
 from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
 from relay.queue.rows import NewMessage
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
+from relay.smtp.envelope import RelayEnvelope, mail_params, rcpt_params
 from relay.smtp.policy import PathSyntaxError, sender_address, split_path
 from relay.smtp.replies import (
     BARE_CR_LF,
@@ -64,15 +65,6 @@ log = logging.getLogger("relay.smtp.server")
 
 IDENT = "ESMTP mx-relay"
 _WHOLE_BUFFER = sys.maxsize  # a read() this large empties the StreamReader's buffer
-
-
-class RelayEnvelope(Envelope):
-    """aiosmtpd's envelope plus what we learn at MAIL and RCPT."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body_8bitmime = False
-        self.rcpt_keys: set[str] = set()
 
 
 @functools.cache
@@ -273,7 +265,7 @@ class RelaySMTP(SMTP):
 
     def ehlo_lines(self) -> list[str]:
         keywords = [f"SIZE {self._settings.max_size}", "8BITMIME", "PIPELINING",
-                    "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+                    "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
         if self.tls_context is not None and self._tls_protocol is None:
             keywords.append("STARTTLS")
         lines = [self.hostname, *keywords]
@@ -329,6 +321,11 @@ class RelaySMTP(SMTP):
         if params and not self.session.extended_smtp:
             await self.push(syntax)
             return
+        taken = mail_params(params)  # RFC 3461 RET, ENVID
+        if isinstance(taken, str):
+            await self.push(taken)
+            return
+        dsn, params = taken
         size = 0
         body_8bitmime = smtputf8 = False
         for param in params:
@@ -367,6 +364,7 @@ class RelaySMTP(SMTP):
         envelope.mail_options.extend(p.upper() for p in params)
         envelope.smtp_utf8 = smtputf8
         envelope.body_8bitmime = body_8bitmime
+        envelope.dsn = dsn
         await self.push("250 2.1.0 Ok")
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -392,9 +390,9 @@ class RelaySMTP(SMTP):
             await self._refuse("recipient_syntax", "RCPT",
                                "501 5.1.3 Bad recipient address syntax", sender)
             return
-        if params:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>" if not self.session.extended_smtp
-                            else f"555 5.5.4 Unsupported option: {params[0].partition('=')[0]}")
+        dsn = rcpt_params(params, self.session.extended_smtp, envelope.smtp_utf8)
+        if isinstance(dsn, str):  # RFC 3461 NOTIFY, ORCPT; nothing else
+            await self.push(dsn)
             return
         if not valid_utf8(path):
             await self._refuse("recipient_syntax", "RCPT",
@@ -416,6 +414,7 @@ class RelaySMTP(SMTP):
         if key not in envelope.rcpt_keys:  # the same mailbox twice is delivered once
             envelope.rcpt_keys.add(key)
             envelope.rcpt_tos.append(path)
+            envelope.rcpt_dsn.append(dsn)
         await self.push("250 2.1.5 Ok")
 
     async def _refuse(self, reason: str, stage: str, reply: str, sender: str = "",
@@ -529,6 +528,8 @@ class RelaySMTP(SMTP):
             client_helo=printable(self.session.host_name or ""),
             smtputf8=envelope.smtp_utf8,
             eightbit=envelope.body_8bitmime or not data.isascii(),
+            dsn=envelope.dsn,
+            rcpt_dsn=envelope.recipient_params(),
         )
         try:
             await shared.store(message)

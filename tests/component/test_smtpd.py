@@ -232,7 +232,7 @@ async def test_banner_and_ehlo_keywords(relay: Relay) -> None:
     client = await relay.client(ehlo=None)
     reply = await client.ehlo()
     assert reply.lines == [HOST, "SIZE 35000000", "8BITMIME", "PIPELINING",
-                           "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+                           "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
     assert (await client.cmd("AUTH PLAIN AGJvYgBzZWNyZXQ=")).last.startswith("500 5.5.2 ")
     await client.close()
 
@@ -246,7 +246,7 @@ async def test_every_stock_reply_carries_an_enhanced_code(relay: Relay) -> None:
         await client.cmd("RCPT TO:<bob@verrotech.com>"),
         await client.cmd("DATA"),
         await client.cmd("MAIL FROM:"),
-        await client.cmd("MAIL FROM:<a@b.example> RET=HDRS"),
+        await client.cmd("MAIL FROM:<a@b.example> MT-PRIORITY=3"),
         await client.cmd("MAIL FROM:<a@b.example> SIZE=big"),
         await client.cmd("MAIL FROM:<bob>"),
         await client.cmd("BOGUS"),
@@ -262,7 +262,7 @@ async def test_every_stock_reply_carries_an_enhanced_code(relay: Relay) -> None:
         "503 5.5.1 Error: need MAIL command",
         "503 5.5.1 Error: need MAIL command",
         "501 5.5.4 Syntax: MAIL FROM:<address>",
-        "555 5.5.4 Unsupported option: RET",
+        "555 5.5.4 Unsupported option: MT-PRIORITY",
         "501 5.5.4 Bad SIZE parameter",
         "501 5.1.7 Bad sender address syntax",
         '500 5.5.2 Error: command "BOGUS" not recognized',
@@ -277,8 +277,8 @@ async def test_every_stock_reply_carries_an_enhanced_code(relay: Relay) -> None:
     assert (await client.cmd("MAIL FROM:<a@b.example>")).last == "250 2.1.0 Ok"
     assert (await client.cmd("MAIL FROM:<a@b.example>")).last == (
         "503 5.5.1 Error: nested MAIL command")
-    assert (await client.cmd("RCPT TO:<bob@verrotech.com> NOTIFY=NEVER")).last == (
-        "555 5.5.4 Unsupported option: NOTIFY")
+    assert (await client.cmd("RCPT TO:<bob@verrotech.com> RRVS=2026-12-05T00:00:00Z")).last == (
+        "555 5.5.4 Unsupported option: RRVS")
     assert (await client.cmd("RCPT TO:<bob@other.example")).last == (
         "501 5.1.3 Bad recipient address syntax")
     assert (await client.cmd("DATA")).last == "554 5.5.1 Error: no valid recipients"

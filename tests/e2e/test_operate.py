@@ -199,6 +199,7 @@ def test_queue_verbs_on_a_running_relay(deployment: Deployment) -> None:
     assert shown["client_address"] == "127.0.0.1"
     # show's recipients carry more keys than list's (SPEC Part 2: "uncertain")
     assert [r.pop("uncertain") for r in shown["recipients"]] == [False]
+    assert [(r.pop("notify"), r.pop("orcpt")) for r in shown["recipients"]] == [(None, None)]
     assert {k: shown[k] for k in tried} == tried
     raw = cli_bytes(relay, "queue", "show", held, "--raw")
     assert raw.returncode == 0, raw.stderr

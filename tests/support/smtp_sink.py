@@ -79,6 +79,9 @@ class ReceivedMessage:
     tls: bool
     ehlo_name: str | None
     peer: tuple[str, int]
+    # with `dsn=True`: RET/ENVID and (recipient, NOTIFY/ORCPT) exactly as sent
+    dsn_mail: tuple[str, ...] = ()
+    dsn_rcpt: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -133,6 +136,25 @@ class _SinkSMTP(SMTP):
         super().__init__(_Handler(sink), **kwargs)
         self.sink = sink
         self.record = record
+        self.dsn_mail: tuple[str, ...] = ()
+        self.dsn_rcpt: list[tuple[str, tuple[str, ...]]] = []
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        """With `sink.dsn`, RET and ENVID are taken out (and kept as sent) before
+        aiosmtpd, which knows no DSN, sees the rest."""
+        self.dsn_mail, self.dsn_rcpt = (), []
+        if self.sink.dsn and arg:
+            arg, self.dsn_mail = _take_params(arg, ("RET", "ENVID"))
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        taken: tuple[str, ...] = ()
+        if self.sink.dsn and arg:
+            arg, taken = _take_params(arg, ("NOTIFY", "ORCPT"))
+        before = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
+        await super().smtp_RCPT(arg)
+        if self.envelope is not None and len(self.envelope.rcpt_tos) > before:
+            self.dsn_rcpt.append((self.envelope.rcpt_tos[-1], taken))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # the TCP connection, not the STARTTLS layer
@@ -145,6 +167,13 @@ class _SinkSMTP(SMTP):
         super().connection_lost(error)
         for transport in transports:
             self.sink._untrack(transport)
+
+
+def _take_params(arg: str, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """`arg` without the parameters named `keys`, and those parameters as sent."""
+    words = arg.split(" ")
+    taken = tuple(w for w in words[1:] if w.partition("=")[0].upper() in keys)
+    return " ".join(w for w in words if w not in taken), taken
 
 
 class _Refuser(asyncio.Protocol):
@@ -211,6 +240,8 @@ class _Handler:
         if self._sink.hide_starttls:
             drop.add("STARTTLS")
         kept = [r for r in responses[:-1] if r[4:].split(" ")[0].upper() not in drop]
+        if self._sink.dsn:
+            kept.append("250-DSN")
         return [*kept, responses[-1]]
 
     async def handle_HELO(
@@ -286,6 +317,8 @@ class _Handler:
             tls=record.tls,
             ehlo_name=record.ehlo_name,
             peer=record.peer,
+            dsn_mail=server.dsn_mail if isinstance(server, _SinkSMTP) else (),
+            dsn_rcpt=tuple(server.dsn_rcpt) if isinstance(server, _SinkSMTP) else (),
         )
         self._sink._add_message(message)
         return reply
@@ -306,6 +339,9 @@ class Sink:
       connection instead of answering that command (for DATA: after the data);
     * ``stall_on``: the same verbs, but the connection stays open, unanswered;
     * ``eightbitmime`` / ``hide_starttls``: what EHLO advertises;
+    * ``dsn = True``: EHLO advertises DSN and RET/ENVID/NOTIFY/ORCPT are
+      accepted and recorded as sent (`ReceivedMessage.dsn_mail`, `dsn_rcpt`);
+      without it, as aiosmtpd does, they get 555;
 
     Constructor options: ``tls`` (True for a trustme certificate signed by
     `sink_ca()`, or an `ssl.SSLContext`) enables STARTTLS; ``smtputf8``
@@ -353,6 +389,7 @@ class Sink:
         self.stall_on: str | None = None
         self.eightbitmime = eightbitmime
         self.hide_starttls = False
+        self.dsn = False
 
         self._cond = threading.Condition()
         self._sessions: list[SessionRecord] = []

@@ -433,7 +433,7 @@ def test_boundary_never_occurs_in_the_content() -> None:
         {"now": datetime(2024, 1, 1)},
         {"arrival": datetime(2024, 1, 1)},
         {"notices": []},
-        {"notices": [RecipientNotice("x@y", "relayed", Reply(250, "ok"))]},  # type: ignore[arg-type]
+        {"notices": [RecipientNotice("x@y", "delivered", Reply(250, "ok"))]},  # type: ignore[arg-type]
         {
             "notices": [
                 RecipientNotice("x@y", "failed", Reply(550, "no"), None, datetime(2024, 1, 1))

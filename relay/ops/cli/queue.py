@@ -115,6 +115,8 @@ def show_command(
             # `queue list` keeps SPEC's four recipient keys; `show` says more.
             for item, rcpt in zip(obj["recipients"], view.recipients, strict=True):
                 item["uncertain"] = rcpt.uncertain
+                item["notify"] = list(rcpt.notify) if rcpt.notify is not None else None
+                item["orcpt"] = rcpt.orcpt  # RFC 3461, as given; null when not
             obj["destination"] = view.destination
             obj["client_address"] = view.client_address
             obj["history"] = [

@@ -152,6 +152,10 @@ def show_text(
         if r.last_reply:
             line += f"  {r.last_reply}"
         lines.append(line)
+        dsn = [f"NOTIFY={','.join(r.notify)}"] if r.notify is not None else []
+        dsn += [f"ORCPT={r.orcpt}"] if r.orcpt is not None else []
+        if dsn:
+            lines.append("    " + " ".join(dsn))
     lines.append("History:")
     lines.append(history_text(history) if history else "  (no delivery attempts yet)")
     return "\n".join(lines)
