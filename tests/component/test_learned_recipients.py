@@ -258,10 +258,10 @@ async def test_two_relays_on_one_postgresql_queue_share_what_one_learned(
 ) -> None:
     queue = {"url": postgres_db_url}
     teacher = await relays("a", sink, queue=queue)
-    # b claims work only at its start and then once an hour: a delivers everything.
-    learner = await relays("b", sink, poll=3600.0, queue=queue)
     await send(teacher.port, "ann@company.example", "bob@company.example")
     await verify_log.wait(lambda: verify_log.count("taught by a delivery") == 1)
+    # b starts once a has delivered everything: all b knows, it learns from the queue.
+    learner = await relays("b", sink, poll=3600.0, queue=queue)
 
     while True:  # b learns it at one of its next refreshes, which it logs
         seen = len(verify_log.lines)
