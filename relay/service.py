@@ -33,6 +33,7 @@ from relay.core import config as configuration
 from relay.core import maillog, privileges
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config, ConfigError
+from relay.core.dnscache import new_cache
 from relay.core.oserror import ListenError, cause
 from relay.core.recipients import KnownRecipient
 from relay.delivery.outcomes import rules_from_config
@@ -48,6 +49,7 @@ from relay.queue.store import Store
 from relay.reload import Reloader
 from relay.smtp.listeners import Listeners, start_listeners, tls_context
 from relay.smtp.policy import Policy
+from relay.smtp.spf import SpfCheck
 from relay.smtp.verify import REFRESH_INTERVAL, KnownRecipients
 
 log = logging.getLogger("relay.service")
@@ -75,13 +77,43 @@ def _limits(config: Config, poll_interval: float | None) -> Limits:
     return limits
 
 
-def _resolver(config: Config) -> DnsResolver:
+def _resolver(config: Config, dns: _Dns) -> DnsResolver:
     return DnsResolver(
         nameservers=config.dns.nameserver_addresses,
         timeout=config.dns.timeout,
         identity=identity(config),
         port=config.delivery.port,
+        cache=dns.cache,
     )
+
+
+class _Dns:
+    """The process's DNS answer cache (MX lookups and SPF share it) and the
+    current SPF checker, kept across a reload unless what it uses changed."""
+
+    def __init__(self) -> None:
+        self.cache = new_cache()
+        self.spf: SpfCheck | None = None
+        self._made_for: tuple[object, ...] | None = None
+
+    def spf_for(self, config: Config) -> SpfCheck | None:
+        """The checker for `config` (None with `smtp.spf` off): the current one
+        when `[dns]` and the node name are unchanged, else a new one; an old one
+        stays with the sessions holding it and ends with them."""
+        wanted = (config.smtp.spf, config.dns, config.node.hostname)
+        if wanted == self._made_for:
+            return self.spf
+        if self._made_for is not None and self._made_for[1] != config.dns:
+            self.cache.flush()  # other name servers may answer otherwise
+        self._made_for = wanted
+        self.spf = SpfCheck(nameservers=config.dns.nameserver_addresses,
+                            timeout=config.dns.timeout, cache=self.cache,
+                            receiver=config.node.hostname) if config.smtp.spf else None
+        return self.spf
+
+    def close(self) -> None:
+        if self.spf is not None:
+            self.spf.close()
 
 
 def _next_hops(config: Config) -> dict[str, str]:
@@ -125,7 +157,7 @@ def _prepare_reload(
     listeners: Listeners, scheduler: Scheduler, transport: SmtpTransport,
     reloader: Reloader, log_level: str | None, poll_interval: float | None,
     policies: Callable[[Config], Policy], known: KnownRecipients,
-    heartbeat: Heartbeat, peers: _Peers,
+    heartbeat: Heartbeat, peers: _Peers, dns: _Dns,
 ) -> Callable[[Config], Callable[[], None]]:
     """What SIGHUP changes, built in a worker thread (where a bad certificate is
     found before anything changed); the step returned swaps it in on the loop."""
@@ -135,12 +167,12 @@ def _prepare_reload(
         verify = _delivery_tls(new)
         policy = policies(new)
         rules = rules_from_config(new)
-        resolver = _resolver(new)
+        resolver = _resolver(new, dns)
         resolver.see_peers(*peers.seen)
 
         def commit() -> None:
             old = reloader.config
-            listeners.reconfigure(new, policy, tls)
+            listeners.reconfigure(new, policy, tls, dns.spf_for(new))
             known.active = policy.verifies
             scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
                                   next_hops=_next_hops(new), resolver=resolver)
@@ -271,7 +303,8 @@ async def serve(
     )
     node = this_node(config.node.hostname, tuple(sorted(identity(config).addresses)),
                      clock.now())
-    resolver = _resolver(config)
+    dns = _Dns()
+    resolver = _resolver(config, dns)
     peers = _Peers(resolver)
     heartbeat = Heartbeat(store, clock, node, lease=config.queue.lease,
                           retention=config.queue.log_retention, on_peers=peers)
@@ -317,6 +350,7 @@ async def serve(
         on_etrn=etrn,
         policy=policy,
         metrics=metrics,
+        spf=dns.spf_for(config),
     )
     http = None
     if config.metrics.address is not None:
@@ -341,7 +375,7 @@ async def serve(
         config.queue.location, node.id,
     )
     reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
-                                    poll_interval, policies, known, heartbeat, peers))
+                                    poll_interval, policies, known, heartbeat, peers, dns))
     if on_ready:
         on_ready()
     try:
@@ -364,6 +398,7 @@ async def serve(
         await heartbeat.stop()
         await asyncio.gather(heartbeat_task, return_exceptions=True)
         await transport.close()
+        dns.close()
         wakeups.close()
         if http is not None:
             http.close()

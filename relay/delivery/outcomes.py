@@ -45,6 +45,7 @@ class Rules:
     rng: random.Random
     # Destinations with `verify` on, and how long what they teach is kept.
     learning: Mapping[str, Ttl] = field(default_factory=dict)
+    send_to: str = "all"  # bounces.send_to: "all" or "spf-pass"
 
 
 def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules:
@@ -61,6 +62,7 @@ def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules
         rng=rng or random.Random(),
         learning={name: Ttl(d.verify_valid_ttl, d.verify_invalid_ttl)
                   for name, d in config.domains.items() if d.verify != "off"},
+        send_to=config.bounces.send_to,
     )
 
 
@@ -156,6 +158,7 @@ def decide(
     if warn:
         dsns.append(_dsn(rules, message, now, original, "delayed", deferred, remote))
 
+    held = suppressed(rules, message)  # every DSN of this attempt passes here
     attempt = Attempt(
         message_id=message.id,
         owner=owner,
@@ -165,7 +168,8 @@ def decide(
         next_attempt_at=next_attempt,
         last_error=last_error,
         remote_host=remote,
-        dsns=tuple(dsns),
+        dsns=() if held else tuple(dsns),
+        suppressed=(held,) * len(dsns) if held else (),
         destination=destination,
         counted=report is not None,
         delay_warned=warn,
@@ -246,8 +250,9 @@ def delay_notice(
     recipients and the next attempt time are unchanged.
     """
     reply = _last_reply(message.last_error)
-    dsn = _dsn(rules, message, now, original, "delayed",
-               [(rcpt, reply) for rcpt in message.recipients], "")
+    held = suppressed(rules, message)
+    dsns = () if held else (_dsn(rules, message, now, original, "delayed",
+                                 [(rcpt, reply) for rcpt in message.recipients], ""),)
     return Attempt(
         message_id=message.id,
         owner=owner,
@@ -256,11 +261,22 @@ def delay_notice(
         recipients=(),
         next_attempt_at=message.next_attempt_at,
         last_error=message.last_error,
-        dsns=(dsn,),
+        dsns=dsns,
         destination=DestinationUpdate(message.destination, AttemptOutcome.RETURNED),
         counted=False,
         delay_warned=True,
+        suppressed=(held,) if held else (),
     )
+
+
+def suppressed(rules: Rules, message: Claimed) -> str | None:
+    """The SPF result that withholds DSNs to this message's sender under
+    `bounces.send_to = "spf-pass"` (a message stored without one counts as
+    `none`), or None when they may go."""
+    if rules.send_to != "spf-pass":
+        return None
+    result = message.spf or "none"
+    return None if result == "pass" else result
 
 
 def _dsn(

@@ -76,6 +76,8 @@ class DeliveryMetrics(Protocol):
 
     def destination(self, name: str, state: State) -> None: ...
 
+    def dsn_suppressed(self, spf_result: str) -> None: ...
+
 
 class _Uncounted:
     """No metrics: a scheduler built without them (tests, tools) counts nothing."""
@@ -87,6 +89,9 @@ class _Uncounted:
         pass
 
     def destination(self, name: str, state: State) -> None:
+        pass
+
+    def dsn_suppressed(self, spf_result: str) -> None:
         pass
 
 
@@ -399,6 +404,9 @@ class Scheduler:
                 continue
             for dsn in attempt.dsns:
                 maillog.delay_warning(message, dsn.id)
+            maillog.bounces_suppressed(message, attempt.suppressed)
+            for result in attempt.suppressed:
+                self._metrics.dsn_suppressed(result)
         if waiting:
             self.wake()
 
@@ -472,6 +480,8 @@ class Scheduler:
     def _count(self, destination: str, decision: Decision, duration: float | None) -> None:
         for _, outcome, _ in decision.results:
             self._metrics.delivery(outcome)
+        for result in decision.attempt.suppressed:
+            self._metrics.dsn_suppressed(result)
         if duration is not None:
             self._metrics.observe_delivery(duration)
         if decision.outcome.informative:  # the attempt tested the destination's hosts

@@ -54,6 +54,7 @@ DESTINATION_UP = "relay_destination_up"
 RECIPIENT_CHECKS = "relay_recipient_checks_total"
 RECIPIENT_CHECK_RESULTS = ("valid", "invalid", "unknown", "static")
 NODES_UP = "relay_nodes_up"
+DSN_SUPPRESSED = "relay_dsn_suppressed_total"
 
 # name -> (type, label names): what /metrics exports; tests and the Grafana
 # dashboard check themselves against this table.
@@ -69,6 +70,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     DESTINATION_UP: ("gauge", ("destination",)),
     RECIPIENT_CHECKS: ("counter", ("result",)),
     NODES_UP: ("gauge", ()),
+    DSN_SUPPRESSED: ("counter", ("reason",)),
 }
 
 # An SMTP delivery takes from tens of milliseconds to the connect timeout
@@ -283,6 +285,12 @@ class Metrics:
             registry=self.registry,
         )
         self._checks = {r: self._recipient_checks.labels(r) for r in RECIPIENT_CHECK_RESULTS}
+        self._suppressed = Counter(
+            _base(DSN_SUPPRESSED),
+            "DSNs not queued because of bounces.send_to, by reason (spf-<result>).",
+            ["reason"],
+            registry=self.registry,
+        )
         self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit)
         self.registry.register(self._destinations)
 
@@ -322,6 +330,10 @@ class Metrics:
     def observe_delivery(self, seconds: float) -> None:
         """How long one delivery attempt (one session to a next hop) took."""
         self._duration.observe(max(0.0, seconds))
+
+    def dsn_suppressed(self, spf_result: str) -> None:
+        """A DSN withheld by `bounces.send_to = "spf-pass"`; seven results at most."""
+        self._suppressed.labels(f"spf-{spf_result}").inc()
 
     def destination(self, name: str, state: State) -> None:
         """The destination's state after an attempt that tested its hosts."""

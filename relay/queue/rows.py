@@ -47,6 +47,7 @@ class NewMessage:
     smtputf8: bool = False
     eightbit: bool = False
     is_dsn: bool = False
+    spf: str | None = None  # SPF result at MAIL FROM; None: not evaluated
 
     def split_by_destination(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(queue id, destination, recipients): one queue entry per recipient domain.
@@ -96,6 +97,7 @@ class Claimed:
     last_error: str = ""
     taken_over: bool = False  # from a node that stopped renewing its lease
     probe: bool = False  # its destination is down: this attempt probes it for the cluster
+    spf: str | None = None  # SPF result at MAIL FROM; None: not evaluated
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,7 @@ class Attempt:
     counted: bool = True  # False for an expiry or operator bounce: no attempt was made
     delay_warned: bool = False
     learned: tuple[Learned, ...] = ()  # what the next hop's replies taught (verify = learned)
+    suppressed: tuple[str, ...] = ()  # SPF result of each DSN withheld (bounces.send_to)
 
 
 class Recorded(enum.StrEnum):
@@ -176,6 +179,7 @@ class MessageView:
     client_address: str
     recipients: tuple[RecipientView, ...] = field(default_factory=tuple)
     node: str | None = None  # the node (lease owner) delivering it now, if active
+    spf: str | None = None  # SPF result at MAIL FROM; None: not evaluated
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ IDS_PER_STATEMENT = 500  # an operator's "delete --all" may name a million
 _MESSAGE_COLUMNS = (
     "id", "body_id", "destination", "sender", "size", "received_at", "client_address",
     "client_helo", "smtputf8", "eightbit", "is_dsn", "state", "next_attempt_at", "attempts",
-    "last_error", "delay_warned",
+    "last_error", "delay_warned", "spf",
 )
 _RECIPIENT_COLUMNS = ("message_id", "address", "status", "attempts", "last_reply")
 _LOG_COLUMNS = ("message_id", "recipient", "at", "outcome", "reply", "remote_host")
@@ -249,7 +249,8 @@ class QueueBase:
              dest, m.received_at,  # due now, or parked if its destination is down
              0, "",
              # nobody to warn for a null sender: never in the sweep's way
-             m.is_dsn or m.sender == "")
+             m.is_dsn or m.sender == "",
+             m.spf)
             for m, qid, dest, _ in entries
         ])
         queued = RecipientStatus.QUEUED.value

@@ -200,6 +200,7 @@ class Writes(KnownRecipientsTable, DestinationTable, NodeTable):
                 last_error=m.last_error,
                 taken_over=m.id in taken,
                 probe=m.destination in down,
+                spf=m.spf,
             )
             for m in rows
         ]

@@ -59,6 +59,7 @@ from relay.smtp.replies import (
     valid_utf8,
 )
 from relay.smtp.shared import Shared, client_ip
+from relay.smtp.spf import SpfVerdict, checked, prepended
 
 log = logging.getLogger("relay.smtp.server")
 
@@ -73,6 +74,7 @@ class RelayEnvelope(Envelope):
         super().__init__()
         self.body_8bitmime = False
         self.rcpt_keys: set[str] = set()
+        self.spf: SpfVerdict | None = None  # None: SPF is off
 
 
 @functools.cache
@@ -363,6 +365,8 @@ class RelaySMTP(SMTP):
             await self._refuse("rate_limit", "MAIL",
                                f"450 4.7.1 Error: too much mail from {self.client_ip}", sender)
             return
+        envelope.spf = await checked(self._settings.spf, self.client_ip, sender,
+                                     self.session.host_name)
         envelope.mail_from = sender
         envelope.mail_options.extend(p.upper() for p in params)
         envelope.smtp_utf8 = smtputf8
@@ -500,7 +504,8 @@ class RelaySMTP(SMTP):
         shared = self._shared
         queue_id = shared.id_factory()
         now = shared.clock.now()
-        blocks[0] = self._received_header(envelope, queue_id, now)
+        blocks[0] = (prepended(self.hostname, envelope.spf)
+                     + self._received_header(envelope, queue_id, now))
         start = len(blocks[0])
         data = b"".join(blocks)
         blocks.clear()
@@ -529,6 +534,7 @@ class RelaySMTP(SMTP):
             client_helo=printable(self.session.host_name or ""),
             smtputf8=envelope.smtp_utf8,
             eightbit=envelope.body_8bitmime or not data.isascii(),
+            spf=envelope.spf.result if envelope.spf is not None else None,
         )
         try:
             await shared.store(message)

@@ -117,6 +117,7 @@ def show_command(
                 item["uncertain"] = rcpt.uncertain
             obj["destination"] = view.destination
             obj["client_address"] = view.client_address
+            obj["spf"] = view.spf
             obj["history"] = [
                 {"at": iso(at), "recipient": rcpt, "outcome": outcome, "reply": reply,
                  "remote_host": remote}
