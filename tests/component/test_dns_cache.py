@@ -49,9 +49,10 @@ def cache() -> dns.resolver.LRUCache:
 
 
 @pytest.fixture
-def spf(dns_server: DnsServer, cache: dns.resolver.LRUCache) -> Iterator[SpfCheck]:
+def spf(dns_server: DnsServer, cache: dns.resolver.LRUCache,
+        later: Later) -> Iterator[SpfCheck]:
     check = SpfCheck(nameservers=[dns_server.address], timeout=2.0, cache=cache,
-                     receiver="relay.example")
+                     receiver="relay.example", clock=later.time)
     yield check
     check.close()
 
@@ -133,3 +134,48 @@ async def test_spf_checks_and_mx_lookups_share_the_cache(
     later.offset = 301
     assert (await spf.check("127.0.0.1", "ann@sender.example", "client.example")).result == "fail"
     assert asked(dns_server, "sender.example", "TXT") == 2
+
+
+async def test_the_event_loop_never_waits_for_dns(
+    dns_server: DnsServer, cache: dns.resolver.LRUCache, spf: SpfCheck,
+) -> None:
+    """A check first tries the cache alone, on the loop: a miss stops that try
+    before any question is sent; the worker thread asks, and fills the cache."""
+    dns_server.add("sender.example", "TXT", '"v=spf1 a:out.sender.example -all"', ttl=300)
+    dns_server.add("out.sender.example", "A", "127.0.0.1", ttl=300)
+    args = ("127.0.0.1", "ann@sender.example", "client.example")
+    assert spf._evaluate(*args, cache_only=True) is None
+    assert dns_server.queries == []  # nothing was asked from the loop
+
+    assert (await spf.check(*args)).result == "pass"  # asked in a worker thread
+    asked_then = list(dns_server.queries)
+    assert asked_then == [("sender.example", "TXT"), ("out.sender.example", "A")]
+    found = spf._evaluate(*args, cache_only=True)  # all cached now
+    assert found is not None and found[0] == "pass"
+    assert 299 < found[1] - time.time() <= 300  # until the first answer expires
+    assert spf._evaluate("127.0.0.1", "ann@nowhere.example", "x.example",
+                         cache_only=True) is None
+    assert dns_server.queries == asked_then
+    assert (await spf.check("127.0.0.1", "ann@nowhere.example", "x.example")).result == "none"
+    # a cached NXDOMAIN is answered from the cache too
+    [(result, _until)] = [spf._evaluate("127.0.0.1", "ann@nowhere.example", "x.example",
+                                        cache_only=True)]
+    assert result == "none"
+
+
+async def test_a_verdict_holds_until_the_first_answer_it_rests_on_expires(
+    dns_server: DnsServer, spf: SpfCheck, later: Later,
+) -> None:
+    dns_server.add("sender.example", "TXT", '"v=spf1 a:out.sender.example -all"', ttl=600)
+    dns_server.add("out.sender.example", "A", "127.0.0.1", ttl=60)
+    args = ("127.0.0.1", "ann@sender.example", "client.example")
+    assert (await spf.check(*args)).result == "pass"
+    dns_server.replace("out.sender.example", "A", "192.0.2.1", ttl=60)
+    later.offset = 59
+    assert (await spf.check(*args)).result == "pass"  # as before: nothing asked
+    assert (await spf.check("127.0.0.1", "bob@sender.example", "client.example")).result == (
+        "pass")  # another sender: evaluated again, from the cache
+    assert len(dns_server.queries) == 2
+    later.offset = 61  # the A record's TTL has run out; the TXT record's has not
+    assert (await spf.check(*args)).result == "fail"
+    assert dns_server.queries[2:] == [("out.sender.example", "A")]
