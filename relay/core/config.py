@@ -404,7 +404,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _spf_for_bounces(self) -> Config:
         if self.bounces.send_to == "spf-pass" and not self.smtp.spf:
-            raise ValueError('bounces.send_to = "spf-pass" needs smtp.spf = true')
+            raise ValueError('bounces.send_to: "spf-pass" needs smtp.spf = true')
         return self
 
     def domain(self, name: str) -> DomainConfig | None:
@@ -509,6 +509,8 @@ def _format_error(source: str, error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     message = message.removeprefix("Value error, ")
+    if not error["loc"] and re.match(r"[a-z_]+\.[a-z_]+: ", message):
+        return f"{source}: {message}"  # a rule across sections names its own key
     return f"{source}: {key}: {message}"
 
 

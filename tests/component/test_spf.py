@@ -12,20 +12,25 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay.core import config as configuration
 from relay.core.clock import FakeClock
 from relay.core.dnscache import new_cache
+from relay.queue import db
+from relay.queue.access import Queue
 from relay.queue.rows import NewMessage
 from relay.smtp.listeners import start_listeners
 from relay.smtp.spf import SpfCheck
+from tests.component.test_reload import ReloadLog, Served, hangup, reloads, serving
 from tests.support.dns_server import DnsServer
 
 HOST = "mail.verrotech.net"
 DEADLINE = 15.0
 TIMEOUT = 0.5  # dns.timeout of these tests
+__all__ = ["reloads", "serving"]  # fixtures of test_reload, used here
 
 
 def add_spf_zone(dns: DnsServer) -> None:
@@ -191,3 +196,38 @@ async def test_with_spf_off_nothing_is_looked_up_or_prepended(
     assert message.spf is None
     assert message.data.startswith(b"Received: from ")
     assert dns_server.queries == []
+
+
+async def test_a_reload_turns_spf_off_and_on_for_new_sessions(
+    tmp_path: Path, dns_server: DnsServer, serving: Callable[[Served], Any],
+    reloads: ReloadLog,
+) -> None:
+    add_spf_zone(dns_server)
+    dns = {"nameservers": ["{}:{}".format(*dns_server.address)], "timeout": f"{TIMEOUT}s"}
+    relay = await serving(Served(tmp_path, smtp={"spf": True}, dns=dns,
+                                 domains={"verrotech.com": {}}))
+    queue = Queue(db.connect(relay.settings["queue"]["url"]))
+    name = relay.settings["node"]["hostname"]
+
+    async def stored_from(sender: str) -> bytes:
+        session = await Session.open(relay.port)
+        await session.send(sender)
+        await session.close()
+        [view] = [v for v in queue.list() if v.sender == sender]
+        data = queue.raw(view.id)
+        assert data is not None
+        return data
+
+    assert (await stored_from("ann@fail.example")).startswith(
+        f"Authentication-Results: {name}; spf=fail".encode())
+    relay.rewrite(smtp={"spf": False})
+    hangup()
+    await reloads.wait_reloads(1)
+    assert (await stored_from("bob@fail.example")).startswith(b"Received: ")
+    assert [v.spf for v in queue.list() if v.sender == "bob@fail.example"] == [None]
+    relay.rewrite(smtp={"spf": True})
+    hangup()
+    await reloads.wait_reloads(2)
+    assert (await stored_from("cy@pass.example")).startswith(
+        f"Authentication-Results: {name}; spf=pass".encode())
+    queue.engine.dispose()

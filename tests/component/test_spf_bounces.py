@@ -119,3 +119,15 @@ async def test_bounces_go_only_to_senders_whose_spf_passed(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+def test_check_config_refuses_spf_pass_bounces_without_spf(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[smtp]\nspf = false\n[bounces]\nsend_to = "spf-pass"\n'
+                    f'[queue]\nurl = "sqlite:///{tmp_path}/queue.db"\n')
+    result = CliRunner().invoke(main_group, ["check-config", "-c", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr == f'{path}: bounces.send_to: "spf-pass" needs smtp.spf = true\n'
+    path.write_text('[bounces]\nsend_to = "spf-pass"\n'
+                    f'[queue]\nurl = "sqlite:///{tmp_path}/queue.db"\n')
+    assert CliRunner().invoke(main_group, ["check-config", "-c", str(path)]).exit_code == 0

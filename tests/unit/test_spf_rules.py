@@ -68,7 +68,8 @@ def test_authentication_results_header() -> None:
 def test_spf_pass_bounces_need_spf_on() -> None:
     with pytest.raises(configuration.ConfigError) as caught:
         configuration.from_mapping({"smtp": {"spf": False}, "bounces": {"send_to": "spf-pass"}})
-    assert 'bounces.send_to = "spf-pass" needs smtp.spf = true' in str(caught.value)
+    assert caught.value.problems == [
+        '<defaults>: bounces.send_to: "spf-pass" needs smtp.spf = true']
     config = configuration.from_mapping({"bounces": {"send_to": "spf-pass"}})
     assert config.smtp.spf is True
     assert rules_from_config(config).send_to == "spf-pass"
