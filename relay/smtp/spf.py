@@ -24,7 +24,7 @@ a client that is not an IP, an address literal or a dotless name as domain.
 
 Refuses: acting on the result (the relay accepts whatever SPF says; only
 `bounces.send_to` consults it, in `relay.delivery.outcomes`), DKIM, DMARC,
-and the `exp=` explanation (nobody reads it at a backup MX).
+and using the `exp=` explanation (nobody reads it at a backup MX).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from relay.core.address import AddressError, parse_domain
 from relay.core.dnscache import DnsSetupError, sync_resolver
 
 __all__ = ["RESULTS", "SpfCheck", "SpfVerdict", "authentication_results", "checked",
-           "prepended", "result_name"]
+           "identity", "prepended", "result_name"]
 
 log = logging.getLogger("relay.smtp.spf")
 
