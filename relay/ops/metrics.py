@@ -55,6 +55,7 @@ RECIPIENT_CHECKS = "relay_recipient_checks_total"
 RECIPIENT_CHECK_RESULTS = ("valid", "invalid", "unknown", "static")
 NODES_UP = "relay_nodes_up"
 DSN_SUPPRESSED = "relay_dsn_suppressed_total"
+SUPPRESSING_RESULTS = ("fail", "softfail", "neutral", "none", "temperror", "permerror")
 
 # name -> (type, label names): what /metrics exports; tests and the Grafana
 # dashboard check themselves against this table.
@@ -291,6 +292,8 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        for result in SUPPRESSING_RESULTS:  # exported from 0: rate() works at once
+            self._suppressed.labels(f"spf-{result}")
         self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit)
         self.registry.register(self._destinations)
 

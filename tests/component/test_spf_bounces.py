@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client import generate_latest
 
 from relay import service
 from relay.core import config as configuration
 from relay.ops.cli.main import command_tree, main_group
+from relay.ops.metrics import Metrics
 from tests.component.test_spf import HOST, Session, add_spf_zone
 from tests.support.deployment import to_toml
 from tests.support.dns_server import DnsServer
@@ -131,3 +133,10 @@ def test_check_config_refuses_spf_pass_bounces_without_spf(tmp_path: Path) -> No
     path.write_text('[bounces]\nsend_to = "spf-pass"\n'
                     f'[queue]\nurl = "sqlite:///{tmp_path}/queue.db"\n')
     assert CliRunner().invoke(main_group, ["check-config", "-c", str(path)]).exit_code == 0
+
+
+def test_every_suppression_reason_is_exported_from_zero() -> None:
+    text = generate_latest(Metrics().registry).decode()
+    for result in ("fail", "softfail", "neutral", "none", "temperror", "permerror"):
+        assert f'relay_dsn_suppressed_total{{reason="spf-{result}"}} 0.0' in text
+    assert 'reason="spf-pass"' not in text
