@@ -75,10 +75,12 @@ class DiscardSink:
 
 
 def relay_config(listen: str, url: str, next_hop: str, backoff: tuple[str, str] = ("1h", "1h"),
-                 log_level: str = "warning") -> str:
+                 log_level: str = "warning", spf_dns: str = "", verify: str = "off") -> str:
     """The relay's config for a benchmark: backup MX of bench.example, sending
     to `next_hop`, no per-client limits (one load generator makes all the
-    connections), no metrics listener."""
+    connections), no metrics listener. SPF only with `spf_dns` ("ip:port" of
+    a DNS server to ask): a benchmark never asks DNS outside this machine."""
+    dns = f'[dns]\nnameservers = ["{spf_dns}"]\n' if spf_dns else ""
     return f"""\
 [node]
 hostname = "bench-relay.example"
@@ -86,7 +88,8 @@ hostname = "bench-relay.example"
 listen = ["{listen}"]
 max_connections_per_ip = 1000
 max_messages_per_ip_per_minute = 0
-[queue]
+spf = {"true" if spf_dns else "false"}
+{dns}[queue]
 url = "{url}"
 [delivery]
 min_backoff = "{backoff[0]}"
@@ -98,6 +101,7 @@ listen = ""
 level = "{log_level}"
 [domains."bench.example"]
 next_hop = "{next_hop}"
+verify = "{verify}"
 """
 
 

@@ -22,6 +22,13 @@ hop), and measures with the same load generator for both, Postfix's
 - mx-relay only: VmRSS/VmHWM of `relay serve` with --rss-queue small messages
   queued, after its first scheduler passes.
 
+With --verify-spf only one comparison is made, mx-relay against itself:
+accept msg/s over 10 sessions with `verify = "learned"` (the recipient
+imported beforehand, so RCPT is answered from memory) and SPF on (a loopback
+DNS server this script starts, tests/support/dns_server.py, publishing the
+sender's SPF record; the warm-up fills the DNS cache), in turns with a relay
+with both off; the ratio is on / off.
+
 With --queue postgresql mx-relay's queue is a fresh database (`relay db
 upgrade` before each start) on a private PostgreSQL server the script starts
 (bench/pgserver.py: initdb in a temp dir, 127.0.0.1 and a free port only,
@@ -318,8 +325,9 @@ class Relay:
     name = "mx-relay"
 
     def __init__(self, work: Path, host: str, port: int, sink_port: int, trash: Path,
-                 pg: PgServer | None = None) -> None:
+                 pg: PgServer | None = None, spf_dns: str = "", verify: str = "off") -> None:
         self.work, self.trash, self.pg = work, trash, pg
+        self.spf_dns, self.verify = spf_dns, verify
         self.host, self.port, self._sink_port = host, port, sink_port
         self.db = work / "queue.db"
         self.config = work / "relay.toml"
@@ -333,7 +341,8 @@ class Relay:
         """Point the config at an empty queue: a new PostgreSQL database, or queue.db."""
         self.url = f"sqlite:///{self.db}" if self.pg is None else self.pg.create_database()
         self.config.write_text(relay_config(f"{self.host}:{self.port}", self.url,
-                                            f"[{PRIMARY_HOST}]:{self._sink_port}"))
+                                            f"[{PRIMARY_HOST}]:{self._sink_port}",
+                                            spf_dns=self.spf_dns, verify=self.verify))
 
     @property
     def sink_port(self) -> int:
@@ -343,6 +352,12 @@ class Relay:
         """Start `relay serve`; seconds until it accepts connections."""
         subprocess.run(relay_cmd(self.config, "db", "upgrade"), check=True,
                        capture_output=True, timeout=300)
+        if self.verify == "learned":  # known before the first RCPT: answered from memory
+            known = self.work / "recipients.txt"
+            known.write_text(f"{RECIPIENT}\n")
+            subprocess.run(relay_cmd(self.config, "recipients", "import", str(known),
+                                     "--domain", DOMAIN), check=True, capture_output=True,
+                           timeout=300)
         with self.log.open("a") as handle:
             self.proc = subprocess.Popen(relay_cmd(self.config, "serve"), stderr=handle,
                                          stdout=handle, start_new_session=True)
@@ -408,6 +423,12 @@ class Relay:
                   if line.startswith(("VmRSS:", "VmHWM:"))}
         return fields["VmRSS"], fields["VmHWM"]
 
+    def cpu(self) -> float:
+        """CPU seconds `relay serve` has used (all its threads)."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:13]) / TICKS  # utime stime
+
     def log_tail(self) -> str:
         try:
             return self.log.read_text(errors="replace")[-3000:]
@@ -471,6 +492,7 @@ class Figure:
     postfix: list[float] = field(default_factory=list)
     other: list[float] = field(default_factory=list)  # cores others used, per measurement
     baseline: Figure | None = None  # ratio against this mx-relay figure, not Postfix
+    baseline_word: str = "empty"  # what the baseline is, in the table's ratio column
     note: str = ""
 
     noisy: set[str] = field(default_factory=set)  # servers with a run above max_other
@@ -497,8 +519,9 @@ class Figure:
         return {"figure": self.label, "unit": self.unit,
                 "mx_relay": self.median(self.relay), "postfix": self.median(self.postfix),
                 "ratio": self.ratio(),
-                "ratio_against": "mx-relay, empty queue, measured alongside"
-                if self.baseline else "Postfix",
+                "ratio_against": "Postfix" if not self.baseline else
+                "mx-relay, empty queue, measured alongside" if self.baseline_word == "empty"
+                else f"mx-relay, {self.baseline_word}, measured alongside",
                 "mx_relay_runs": self.relay, "postfix_runs": self.postfix,
                 "max_other_load_cores": round(max(self.other, default=0.0), 2),
                 "servers_with_a_noisy_run": sorted(self.noisy),
@@ -524,7 +547,8 @@ def table(figures: list[Figure]) -> str:
         ratio = f.ratio()
         ratio_text = "-" if ratio is None else f"{ratio:.2f}"
         if f.baseline and ratio is not None:
-            ratio_text += f" (vs {cell(f.baseline.relay, f.unit).split()[0]} empty, alongside)"
+            ratio_text += (f" (vs {cell(f.baseline.relay, f.unit).split()[0]} "
+                           f"{f.baseline_word}, alongside)")
         relay = (f.note or cell(f.relay, f.unit)) + ("*" if "mx-relay" in f.noisy else "")
         postfix = cell(f.postfix, f.unit) + ("*" if "Postfix" in f.noisy else "")
         lines.append(f"| {f.label} ({f.unit}) | {relay} | {postfix} | {ratio_text} |")
@@ -653,6 +677,41 @@ def run_prefilled(relay: Relay, full: Relay, p: Params, figures: dict[str, Figur
     full.wipe()
 
 
+def measure_accept_cpu(server: Relay, messages: int) -> tuple[tuple[float, float], float]:
+    """`measure_accept` over 10 sessions, plus the relay's CPU ms a message: a
+    figure other load on the machine changes far less than msg/s."""
+    cpu = server.cpu()
+    rate, other = measure_accept(server, messages, SESSIONS)
+    return (rate, (server.cpu() - cpu) * 1000 / messages), other
+
+
+def run_verify_spf(plain: Relay, checked: Relay, p: Params, figures: dict[str, Figure]) -> None:
+    """`checked` has verify = "learned" and SPF on, `plain` neither; measured in turns,
+    each after a warm-up (which also fills `checked`'s DNS cache)."""
+    for run in range(p.runs):
+        order = [(plain, "checks_off"), (checked, "checks_on")]
+        for server, _ in order:
+            server.reset()
+            warm_up(server)
+        for server, key in order if run % 2 == 0 else order[::-1]:
+            what = f"run {run + 1}: mx-relay accept, {SESSIONS} sessions, {key.replace('_', ' ')}"
+            (rate, per_message), other = clean(what, p, partial(measure_accept_cpu, server,
+                                                                  p.messages))
+            figures[key].add(server, rate, other, p.max_other)
+            figures[f"{key}_cpu"].add(server, per_message)
+            log(f"{what}: {rate:.0f} msg/s, {per_message:.2f} ms CPU a message"
+                f"{load_note(other)}")
+
+
+def spf_zone() -> Any:
+    """A loopback DNS server publishing the sender's SPF record (the client is 127.x)."""
+    from tests.support.dns_server import DnsServer  # imports dnspython: only inside the venv
+
+    server = DnsServer()
+    server.add(SENDER.split("@")[1], "TXT", '"v=spf1 ip4:127.0.0.0/8 -all"', ttl=3600)
+    return server.start()
+
+
 def is_empty(server: Server) -> bool:
     return server.queued() == 0
 
@@ -744,6 +803,9 @@ def main() -> None:
     parser.add_argument("--queue", choices=("sqlite", "postgresql"), default="sqlite",
                         help="mx-relay's queue: SQLite (default) or a database on a private "
                              "PostgreSQL server this script starts (fsync on)")
+    parser.add_argument("--verify-spf", action="store_true",
+                        help="only: mx-relay accept with verify = \"learned\" and SPF on "
+                             "(warm DNS cache) against both off, in turns")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     defaults = QUICK if args.quick else FULL  # what the command line leaves out
@@ -751,7 +813,7 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     p = Params(args.messages, args.runs, args.drain, args.prefill, args.rss_queue,
-               args.skip_postfix, args.max_other)
+               args.skip_postfix or args.verify_spf, args.max_other)
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -790,6 +852,16 @@ def main() -> None:
     figures["drain"] = Figure("drain", f"drain of a {p.drain:,} backlog into smtp-sink",
                               "msg/s")
     figures["rss"] = Figure("rss", f"relay RSS with {p.rss_queue:,} queued", "MB")
+    figures["checks_off"] = Figure(
+        "checks_off", f"accept, {SESSIONS} sessions, verify off, SPF off", "msg/s")
+    figures["checks_on"] = Figure(
+        "checks_on", f"accept, {SESSIONS} sessions, verify learned, SPF on (warm cache)",
+        "msg/s", baseline=figures["checks_off"], baseline_word="both off")
+    figures["checks_off_cpu"] = Figure(
+        "checks_off_cpu", "relay CPU a message accepted, verify off, SPF off", "ms")
+    figures["checks_on_cpu"] = Figure(
+        "checks_on_cpu", "relay CPU a message accepted, verify learned, SPF on", "ms",
+        baseline=figures["checks_off_cpu"], baseline_word="both off")
 
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="relay-compare-"))
@@ -800,6 +872,7 @@ def main() -> None:
     full: Relay | None = None
     pf: Postfix | None = None
     pg: PgServer | None = None
+    zone: Any = None
     started = time.perf_counter()
     try:
         if args.queue == "postgresql":
@@ -830,14 +903,22 @@ def main() -> None:
             + ("" if pf is None else f", Postfix on {pf.host}:{pf.port}")
             + f"; work dir {work}")
 
-        run_accept(servers, p, figures)
-        run_drain(servers, p, figures["drain"])
-        if pf is not None:
-            pf.stop()  # idle from here on; the machine is the relay's
-        if p.prefill:
-            run_prefilled(relay, full, p, figures)
-        if p.rss_queue:
-            run_rss(relay, p, figures["rss"])
+        if args.verify_spf:
+            zone = spf_zone()
+            checked = Relay(work / "relay-checks", FULL_HOST, full_port,
+                            relay.sink_port, trash, pg,
+                            spf_dns="{}:{}".format(*zone.address), verify="learned")
+            full = checked  # stopped with the others
+            run_verify_spf(relay, checked, p, figures)
+        else:
+            run_accept(servers, p, figures)
+            run_drain(servers, p, figures["drain"])
+            if pf is not None:
+                pf.stop()  # idle from here on; the machine is the relay's
+            if p.prefill:
+                run_prefilled(relay, full, p, figures)
+            if p.rss_queue:
+                run_rss(relay, p, figures["rss"])
     except KeyboardInterrupt:
         log("interrupted: stopping servers")
         raise SystemExit(130) from None
@@ -858,6 +939,8 @@ def main() -> None:
                 postfix.start_default_instance()
             if pg is not None:
                 pg.stop()
+            if zone is not None:
+                zone.stop()
             if os.environ.get("BENCH_KEEP") is None:
                 shutil.rmtree(work, ignore_errors=True)
 

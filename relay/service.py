@@ -33,6 +33,7 @@ from relay.core import config as configuration
 from relay.core import maillog, privileges
 from relay.core.clock import Clock, SystemClock
 from relay.core.config import Config, ConfigError
+from relay.core.dnscache import new_cache
 from relay.core.oserror import ListenError, cause
 from relay.core.recipients import KnownRecipient, Learned
 from relay.delivery.callout import CalloutClient
@@ -50,6 +51,7 @@ from relay.reload import Reloader
 from relay.smtp.callouts import Callouts
 from relay.smtp.listeners import Listeners, start_listeners, tls_context
 from relay.smtp.policy import Policy
+from relay.smtp.spf import SpfCheck
 from relay.smtp.verify import REFRESH_INTERVAL, KnownRecipients
 
 log = logging.getLogger("relay.service")
@@ -77,13 +79,43 @@ def _limits(config: Config, poll_interval: float | None) -> Limits:
     return limits
 
 
-def _resolver(config: Config) -> DnsResolver:
+def _resolver(config: Config, dns: _Dns) -> DnsResolver:
     return DnsResolver(
         nameservers=config.dns.nameserver_addresses,
         timeout=config.dns.timeout,
         identity=identity(config),
         port=config.delivery.port,
+        cache=dns.cache,
     )
+
+
+class _Dns:
+    """The process's DNS answer cache (MX lookups and SPF share it) and the
+    current SPF checker, kept across a reload unless what it uses changed."""
+
+    def __init__(self) -> None:
+        self.cache = new_cache()
+        self.spf: SpfCheck | None = None
+        self._made_for: tuple[object, ...] | None = None
+
+    def spf_for(self, config: Config) -> SpfCheck | None:
+        """The checker for `config` (None with `smtp.spf` off): the current one
+        when `[dns]` and the node name are unchanged, else a new one; an old one
+        stays with the sessions holding it and ends with them."""
+        wanted = (config.smtp.spf, config.dns, config.node.hostname)
+        if wanted == self._made_for:
+            return self.spf
+        if self._made_for is not None and self._made_for[1] != config.dns:
+            self.cache.flush()  # other name servers may answer otherwise
+        self._made_for = wanted
+        self.spf = SpfCheck(nameservers=config.dns.nameserver_addresses,
+                            timeout=config.dns.timeout, cache=self.cache,
+                            receiver=config.node.hostname) if config.smtp.spf else None
+        return self.spf
+
+    def close(self) -> None:
+        if self.spf is not None:
+            self.spf.close()
 
 
 def _next_hops(config: Config) -> dict[str, str]:
@@ -141,7 +173,7 @@ def _prepare_reload(
     listeners: Listeners, scheduler: Scheduler, transport: SmtpTransport,
     reloader: Reloader, log_level: str | None, poll_interval: float | None,
     policies: Callable[[Config], Policy], known: KnownRecipients,
-    heartbeat: Heartbeat, peers: _Peers, callouts: Callouts,
+    heartbeat: Heartbeat, peers: _Peers, callouts: Callouts, dns: _Dns,
 ) -> Callable[[Config], Callable[[], None]]:
     """What SIGHUP changes, built in a worker thread (where a bad certificate is
     found before anything changed); the step returned swaps it in on the loop."""
@@ -151,12 +183,12 @@ def _prepare_reload(
         verify = _delivery_tls(new)
         policy = policies(new)
         rules = rules_from_config(new)
-        resolver = _resolver(new)
+        resolver = _resolver(new, dns)
         resolver.see_peers(*peers.seen)
 
         def commit() -> None:
             old = reloader.config
-            listeners.reconfigure(new, policy, tls)
+            listeners.reconfigure(new, policy, tls, dns.spf_for(new))
             known.active = policy.verifies
             _configure_callouts(callouts, new, resolver, verify, policy)
             scheduler.reconfigure(rules=rules, limits=_limits(new, poll_interval),
@@ -268,7 +300,8 @@ async def serve(
     store = Store(Queue(engine))
     metrics = Metrics(store.queue, clock, nodes=store.queue)
     known = KnownRecipients()
-    resolver = _resolver(config)
+    dns = _Dns()
+    resolver = _resolver(config, dns)
     delivery_tls = _delivery_tls(config)
 
     async def learn(learned: Sequence[Learned], at: datetime) -> int:
@@ -346,6 +379,7 @@ async def serve(
         on_etrn=etrn,
         policy=policy,
         metrics=metrics,
+        spf=dns.spf_for(config),
     )
     http = None
     if config.metrics.address is not None:
@@ -376,7 +410,7 @@ async def serve(
     )
     reloader.attach(_prepare_reload(listeners, scheduler, transport, reloader, log_level,
                                     poll_interval, policies, known, heartbeat, peers,
-                                    callouts))
+                                    callouts, dns))
     if on_ready:
         on_ready()
     try:
@@ -401,6 +435,7 @@ async def serve(
         await heartbeat.stop()
         await asyncio.gather(heartbeat_task, return_exceptions=True)
         await transport.close()
+        dns.close()
         wakeups.close()
         if http is not None:
             http.close()

@@ -134,6 +134,9 @@ class SmtpConfig(_Section):
     max_inflight_data: Size = 1_000_000_000
     """Memory for messages being received, all sessions together; a message that would exceed it
     is read to its end but not kept, and gets `451 4.3.1`."""
+    spf: bool = True
+    """Evaluate SPF (RFC 7208) at `MAIL FROM` with the `[dns]` name servers, store the result with
+    the message and prepend `Authentication-Results:`; `false` for a relay without DNS."""
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -281,6 +284,15 @@ class DnsConfig(_Section):
         )
 
 
+class BouncesConfig(_Section):
+    """`[bounces]`: to whom DSNs (failure, delay, relayed) go."""
+
+    send_to: Literal["all", "spf-pass"] = "all"
+    """`all`: every sender but `<>`; `spf-pass`: only a sender whose SPF result at `MAIL FROM` was
+    `pass` (others are logged as `bounce suppressed` and counted), so bounces never become
+    backscatter. Needs `smtp.spf`."""
+
+
 class MetricsConfig(_Section):
     """`[metrics]`: the HTTP endpoint for Prometheus `/metrics` and `/healthz`."""
 
@@ -358,6 +370,7 @@ class Config(_Section):
     queue: QueueConfig = QueueConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     dns: DnsConfig = DnsConfig()
+    bounces: BouncesConfig = BouncesConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     domains: dict[str, DomainConfig] = {}
@@ -382,6 +395,12 @@ class Config(_Section):
                 raise ValueError(f"{name!r} is configured twice (as {parsed.key})")
             out[parsed.key] = domain
         return out
+
+    @model_validator(mode="after")
+    def _spf_for_bounces(self) -> Config:
+        if self.bounces.send_to == "spf-pass" and not self.smtp.spf:
+            raise ValueError('bounces.send_to: "spf-pass" needs smtp.spf = true')
+        return self
 
     def domain(self, name: str) -> DomainConfig | None:
         return self.domains.get(destination_key(name))
@@ -485,6 +504,8 @@ def _format_error(source: str, error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     message = message.removeprefix("Value error, ")
+    if not error["loc"] and re.match(r"[a-z_]+\.[a-z_]+: ", message):
+        return f"{source}: {message}"  # a rule across sections names its own key
     return f"{source}: {key}: {message}"
 
 

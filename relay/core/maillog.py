@@ -3,7 +3,8 @@
 Owns the events operators grep for: `queued`, `rejected`, `attempt`,
 `delivered`, `deferred`, `uncertain` (no reply after the final dot: retried),
 `bounced`, `expired` (and `dsn` when a sender
-notification is queued), each with the client IP, sender, recipient, next
+notification is queued, `bounce suppressed: spf=R` when `bounces.send_to`
+withholds it), each with the client IP, sender, recipient, next
 hop, remote reply and delay where they apply; what an operator did to a
 message (`held by operator`, ...); and a destination going down or coming
 back (`destination D is down: ...`, `destination D is up again after ...`);
@@ -100,10 +101,21 @@ def attempt_results(message: Claimed, decision: Decision, now: datetime,
         else:
             kind = "delayed" if not any(u.status.final for u in result.recipients) else "failed"
         _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn.id, kind=kind)
+    bounces_suppressed(message, result.suppressed)
 
 
 def delay_warning(message: Claimed, dsn_id: str) -> None:
     _emit("dsn", message.id, to=_addr(message.sender), dsn_id=dsn_id, kind="delayed")
+
+
+def bounces_suppressed(message: Claimed, results: Sequence[str]) -> None:
+    """`ID: bounce suppressed: spf=fail, to=<sender>`, once per DSN withheld."""
+    for result in results:
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: bounce suppressed: spf=%s, to=%s", message.id, result,
+                     _addr(message.sender), extra={"mail_event": {
+                         "event": "bounce suppressed", "id": message.id, "spf": result,
+                         "to": _addr(message.sender)}})
 
 
 OPERATOR_ACTIONS = ("held", "released", "flushed", "deleted", "bounced", "requeued")

@@ -49,6 +49,7 @@ class Rules:
     rng: random.Random
     # Destinations with `verify` on, and how long what they teach is kept.
     learning: Mapping[str, Ttl] = field(default_factory=dict)
+    send_to: str = "all"  # bounces.send_to: "all" or "spf-pass"
 
 
 def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules:
@@ -65,6 +66,7 @@ def rules_from_config(config: Config, rng: random.Random | None = None) -> Rules
         rng=rng or random.Random(),
         learning={name: Ttl(d.verify_valid_ttl, d.verify_invalid_ttl)
                   for name, d in config.domains.items() if d.verify != "off"},
+        send_to=config.bounces.send_to,
     )
 
 
@@ -165,6 +167,7 @@ def decide(
         dsns.append(_dsn(rules, message, now, original, "delayed", _asked(deferred, "DELAY"),
                          remote))
 
+    held = suppressed(rules, message)  # every DSN of this attempt passes here
     attempt = Attempt(
         message_id=message.id,
         owner=owner,
@@ -174,7 +177,8 @@ def decide(
         next_attempt_at=next_attempt,
         last_error=last_error,
         remote_host=remote,
-        dsns=tuple(dsns),
+        dsns=() if held else tuple(dsns),
+        suppressed=(held,) * len(dsns) if held else (),
         destination=destination,
         counted=report is not None,
         delay_warned=warn,
@@ -275,7 +279,8 @@ def delay_notice(
     """
     reply = _last_reply(message.last_error)
     asked = _asked([(rcpt, reply) for rcpt in message.recipients], "DELAY")
-    dsns = (_dsn(rules, message, now, original, "delayed", asked, ""),) if asked else ()
+    held = suppressed(rules, message) if asked else None
+    dsns = () if held or not asked else (_dsn(rules, message, now, original, "delayed", asked, ""),)
     return Attempt(
         message_id=message.id,
         owner=owner,
@@ -288,7 +293,18 @@ def delay_notice(
         destination=DestinationUpdate(message.destination, AttemptOutcome.RETURNED),
         counted=False,
         delay_warned=True,
+        suppressed=(held,) if held else (),
     )
+
+
+def suppressed(rules: Rules, message: Claimed) -> str | None:
+    """The SPF result that withholds DSNs to this message's sender under
+    `bounces.send_to = "spf-pass"` (a message stored without one counts as
+    `none`), or None when they may go."""
+    if rules.send_to != "spf-pass":
+        return None
+    result = message.spf or "none"
+    return None if result == "pass" else result
 
 
 def _dsn(

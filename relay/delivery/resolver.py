@@ -4,9 +4,10 @@ Owns: turning a destination domain (or a configured `next_hop`) into the
 ordered list of `Hop`s to try, with dnspython's async resolver, and
 classifying every way that can fail as a `NoRoute` value (permanent: bounce;
 temporary: defer) with a one-line reason and an RFC 3463 status.
+Answers come from the TTL-honouring cache the caller passes
+(`relay.core.dnscache`, shared with SPF), or from DNS afresh when none is given.
 Refuses: connecting to anything, retries and backoff (the scheduler's),
-caching (every call asks DNS afresh; TTL-aware caching is the caller's choice),
-IP-literal destination domains (``user@[192.0.2.1]``), DNSSEC, DANE.
+keeping answers itself, IP-literal destination domains (``user@[192.0.2.1]``), DNSSEC, DANE.
 
 Rules, as a careful Postfix operator running a backup MX expects:
 
@@ -52,11 +53,11 @@ from typing import Literal, Protocol
 import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
 from relay.core.address import AddressError, parse_domain
+from relay.core.dnscache import DnsSetupError, async_resolver
 from relay.core.model import Hop
 
 __all__ = ["DnsResolver", "Identity", "NoRoute", "Resolver", "Route", "parse_next_hop"]
@@ -175,7 +176,7 @@ class _Addresses:
 
 
 class DnsResolver:
-    """`Resolver` over DNS, with dnspython's async resolver (no cache)."""
+    """`Resolver` over DNS, with dnspython's async resolver and `cache` (None: no cache)."""
 
     def __init__(
         self,
@@ -185,8 +186,10 @@ class DnsResolver:
         identity: Identity,
         port: int,
         rng: random.Random | None = None,
+        cache: dns.resolver.LRUCache | None = None,
     ) -> None:
         self._nameservers = tuple(nameservers)
+        self._cache = cache
         self._timeout = timeout
         self._port = port
         self._rng = rng if rng is not None else random.Random()
@@ -205,20 +208,10 @@ class DnsResolver:
 
     def _make_resolver(self) -> dns.asyncresolver.Resolver | None:
         try:
-            if self._nameservers:
-                resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = [
-                    dns.nameserver.Do53Nameserver(ip, port) for ip, port in self._nameservers
-                ]
-            else:
-                resolver = dns.asyncresolver.Resolver(configure=True)
-        except (dns.exception.DNSException, OSError) as exc:
-            self._dns_error = f"no usable DNS configuration: {_one_line(exc)}"
+            return async_resolver(self._nameservers, self._timeout, self._cache)
+        except DnsSetupError as exc:
+            self._dns_error = f"no usable DNS configuration: {exc}"
             return None
-        resolver.timeout = self._timeout
-        resolver.lifetime = self._timeout
-        resolver.cache = None
-        return resolver
 
     # ------------------------------------------------------------ public
 

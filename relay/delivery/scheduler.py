@@ -77,6 +77,8 @@ class DeliveryMetrics(Protocol):
 
     def destination(self, name: str, state: State) -> None: ...
 
+    def dsn_suppressed(self, spf_result: str) -> None: ...
+
 
 class _Uncounted:
     """No metrics: a scheduler built without them (tests, tools) counts nothing."""
@@ -88,6 +90,9 @@ class _Uncounted:
         pass
 
     def destination(self, name: str, state: State) -> None:
+        pass
+
+    def dsn_suppressed(self, spf_result: str) -> None:
         pass
 
 
@@ -400,6 +405,9 @@ class Scheduler:
                 continue
             for dsn in attempt.dsns:
                 maillog.delay_warning(message, dsn.id)
+            maillog.bounces_suppressed(message, attempt.suppressed)
+            for result in attempt.suppressed:
+                self._metrics.dsn_suppressed(result)
         if waiting:
             self.wake()
 
@@ -473,6 +481,8 @@ class Scheduler:
     def _count(self, destination: str, decision: Decision, duration: float | None) -> None:
         for _, outcome, _ in decision.results:
             self._metrics.delivery(outcome)
+        for result in decision.attempt.suppressed:
+            self._metrics.dsn_suppressed(result)
         if duration is not None:
             self._metrics.observe_delivery(duration)
         if decision.outcome.informative:  # the attempt tested the destination's hosts

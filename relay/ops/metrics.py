@@ -56,6 +56,8 @@ RECIPIENT_CHECK_RESULTS = ("valid", "invalid", "unknown", "static")
 CALLOUTS = "relay_callouts_total"
 CALLOUT_RESULTS = ("valid", "invalid", "unknown")
 NODES_UP = "relay_nodes_up"
+DSN_SUPPRESSED = "relay_dsn_suppressed_total"
+SUPPRESSING_RESULTS = ("fail", "softfail", "neutral", "none", "temperror", "permerror")
 
 # name -> (type, label names): what /metrics exports; tests and the Grafana
 # dashboard check themselves against this table.
@@ -72,6 +74,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     RECIPIENT_CHECKS: ("counter", ("result",)),
     CALLOUTS: ("counter", ("result",)),
     NODES_UP: ("gauge", ()),
+    DSN_SUPPRESSED: ("counter", ("reason",)),
 }
 
 # An SMTP delivery takes from tens of milliseconds to the connect timeout
@@ -294,6 +297,14 @@ class Metrics:
             registry=self.registry,
         )
         self._callouts = {r: callouts.labels(r) for r in CALLOUT_RESULTS}
+        self._suppressed = Counter(
+            _base(DSN_SUPPRESSED),
+            "DSNs not queued because of bounces.send_to, by reason (spf-<result>).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for result in SUPPRESSING_RESULTS:  # exported from 0: rate() works at once
+            self._suppressed.labels(f"spf-{result}")
         self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit)
         self.registry.register(self._destinations)
 
@@ -337,6 +348,10 @@ class Metrics:
     def observe_delivery(self, seconds: float) -> None:
         """How long one delivery attempt (one session to a next hop) took."""
         self._duration.observe(max(0.0, seconds))
+
+    def dsn_suppressed(self, spf_result: str) -> None:
+        """A DSN withheld by `bounces.send_to = "spf-pass"`; seven results at most."""
+        self._suppressed.labels(f"spf-{spf_result}").inc()
 
     def destination(self, name: str, state: State) -> None:
         """The destination's state after an attempt that tested its hosts."""

@@ -50,6 +50,7 @@ class NewMessage:
     is_dsn: bool = False
     dsn: MailParams = NO_MAIL_PARAMS  # RFC 3461 RET, ENVID
     rcpt_dsn: tuple[tuple[str, RcptParams], ...] = ()  # NOTIFY, ORCPT of those that gave any
+    spf: str | None = None  # SPF result at MAIL FROM; None: not evaluated
 
     def split_by_destination(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(queue id, destination, recipients): one queue entry per recipient domain.
@@ -101,6 +102,7 @@ class Claimed:
     taken_over: bool = False  # from a node that stopped renewing its lease
     probe: bool = False  # its destination is down: this attempt probes it for the cluster
     dsn: MailParams = NO_MAIL_PARAMS  # RFC 3461 RET, ENVID
+    spf: str | None = None  # SPF result at MAIL FROM; None: not evaluated
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class Attempt:
     counted: bool = True  # False for an expiry or operator bounce: no attempt was made
     delay_warned: bool = False
     learned: tuple[Learned, ...] = ()  # what the next hop's replies taught (verify = learned)
+    suppressed: tuple[str, ...] = ()  # SPF result of each DSN withheld (bounces.send_to)
 
 
 class Recorded(enum.StrEnum):
@@ -183,6 +186,7 @@ class MessageView:
     client_address: str
     recipients: tuple[RecipientView, ...] = field(default_factory=tuple)
     node: str | None = None  # the node (lease owner) delivering it now, if active
+    spf: str | None = None  # SPF result at MAIL FROM; None: not evaluated
 
 
 @dataclass(frozen=True, slots=True)

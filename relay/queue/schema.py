@@ -85,6 +85,9 @@ messages = Table(
     Column("smtputf8", Boolean, nullable=False, default=False),
     Column("eightbit", Boolean, nullable=False, default=False),
     Column("is_dsn", Boolean, nullable=False, default=False),
+    # SPF result at MAIL FROM (relay.smtp.spf.RESULTS); NULL: not evaluated (SPF off,
+    # a DSN of ours, a row older than migration 0009)
+    Column("spf", String(16), nullable=True),
     # Scheduling: see model.MessageState. next_attempt_at is NULL while the
     # message waits on its destination being down (parked).
     Column("state", String(16), nullable=False),

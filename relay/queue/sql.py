@@ -32,7 +32,7 @@ IDS_PER_STATEMENT = 500  # an operator's "delete --all" may name a million
 _MESSAGE_COLUMNS = (
     "id", "body_id", "destination", "sender", "size", "received_at", "client_address",
     "client_helo", "smtputf8", "eightbit", "is_dsn", "state", "next_attempt_at", "attempts",
-    "last_error", "delay_warned", "dsn_ret", "dsn_envid",
+    "last_error", "delay_warned", "dsn_ret", "dsn_envid", "spf",
 )
 _RECIPIENT_COLUMNS = (
     "message_id", "address", "status", "attempts", "last_reply", "notify", "orcpt",
@@ -253,7 +253,7 @@ class QueueBase:
              0, "",
              # nobody to warn for a null sender: never in the sweep's way
              m.is_dsn or m.sender == "",
-             m.dsn.ret, m.dsn.envid)
+             m.dsn.ret, m.dsn.envid, m.spf)
             for m, qid, dest, _ in entries
         ])
         queued = RecipientStatus.QUEUED.value

@@ -91,6 +91,7 @@ class Views(QueueBase):
                 client_address=m.client_address,
                 recipients=tuple(rcpts.get(m.id, ())),
                 node=m.lease_owner if m.state == MessageState.ACTIVE.value else None,
+                spf=m.spf,
             )
             for m in rows
         ]

@@ -203,6 +203,7 @@ class Writes(KnownRecipientsTable, DestinationTable, NodeTable):
                 taken_over=m.id in taken,
                 probe=m.destination in down,
                 dsn=MailParams(m.dsn_ret, m.dsn_envid),
+                spf=m.spf,
             )
             for m in rows
         ]

@@ -22,6 +22,7 @@ from relay.core.dsnparams import (
     take_mail_params,
     take_rcpt_params,
 )
+from relay.smtp.spf import SpfVerdict
 
 
 class RelayEnvelope(Envelope):
@@ -33,6 +34,7 @@ class RelayEnvelope(Envelope):
         self.rcpt_keys: set[str] = set()
         self.dsn = NO_MAIL_PARAMS
         self.rcpt_dsn: list[RcptParams] = []  # one per entry of rcpt_tos
+        self.spf: SpfVerdict | None = None  # None: SPF is off
 
     def recipient_params(self) -> tuple[tuple[str, RcptParams], ...]:
         """(recipient, its DSN parameters) for those that gave any."""

@@ -20,6 +20,7 @@ from relay.core.room import FreeSpace
 from relay.smtp.policy import Policy
 from relay.smtp.server import RelaySMTP
 from relay.smtp.shared import OnEtrn, Shared, SmtpMetrics, SmtpStats, Submit
+from relay.smtp.spf import SpfCheck
 
 
 class Listeners:
@@ -56,9 +57,9 @@ class Listeners:
             server.close()
 
     def reconfigure(self, config: Config, policy: Policy,
-                    tls_context: ssl.SSLContext | None) -> None:
+                    tls_context: ssl.SSLContext | None, spf: SpfCheck | None = None) -> None:
         """A reload: sessions that connect from now on work under `config`."""
-        self._shared.reconfigure(config, policy, tls_context)
+        self._shared.reconfigure(config, policy, tls_context, spf)
 
     async def wait_sessions(self, timeout: float | None = None) -> bool:
         """Wait until every connection has ended; False if `timeout` passed first."""
@@ -133,6 +134,7 @@ async def start_listeners(
     on_etrn: OnEtrn | None = None,
     policy: Policy | None = None,
     metrics: SmtpMetrics | None = None,
+    spf: SpfCheck | None = None,
 ) -> Listeners:
     """Listen on every smtp.listen address; returns once all are bound, or
     raises `ListenError` naming the address that could not be (and why).
@@ -141,11 +143,11 @@ async def start_listeners(
     durably stored (and raises on failure); `on_etrn(domain)` makes that
     domain's mail due now; `policy` defaults to one built from `config`;
     `metrics` (a `relay.ops.metrics.Metrics`) gets accepted messages, rejections
-    by reason and open sessions.
+    by reason and open sessions; `spf` checks each MAIL FROM (None: no SPF).
     """
     loop = asyncio.get_running_loop()
     shared = Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,
-                    tls_context(config), loop, metrics)
+                    tls_context(config), loop, metrics, spf)
     backlog = max(100, min(config.smtp.max_connections, 4096))
     servers: list[asyncio.Server] = []
     try:

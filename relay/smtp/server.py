@@ -60,6 +60,7 @@ from relay.smtp.replies import (
     valid_utf8,
 )
 from relay.smtp.shared import Shared, client_ip
+from relay.smtp.spf import checked, prepended
 
 log = logging.getLogger("relay.smtp.server")
 
@@ -360,6 +361,8 @@ class RelaySMTP(SMTP):
             await self._refuse("rate_limit", "MAIL",
                                f"450 4.7.1 Error: too much mail from {self.client_ip}", sender)
             return
+        envelope.spf = await checked(self._settings.spf, self.client_ip, sender,
+                                     self.session.host_name)
         envelope.mail_from = sender
         envelope.mail_options.extend(p.upper() for p in params)
         envelope.smtp_utf8 = smtputf8
@@ -499,7 +502,8 @@ class RelaySMTP(SMTP):
         shared = self._shared
         queue_id = shared.id_factory()
         now = shared.clock.now()
-        blocks[0] = self._received_header(envelope, queue_id, now)
+        blocks[0] = (prepended(self.hostname, envelope.spf)
+                     + self._received_header(envelope, queue_id, now))
         start = len(blocks[0])
         data = b"".join(blocks)
         blocks.clear()
@@ -530,6 +534,7 @@ class RelaySMTP(SMTP):
             eightbit=envelope.body_8bitmime or not data.isascii(),
             dsn=envelope.dsn,
             rcpt_dsn=envelope.recipient_params(),
+            spf=envelope.spf.result if envelope.spf is not None else None,
         )
         try:
             await shared.store(message)

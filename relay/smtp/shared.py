@@ -34,6 +34,7 @@ from relay.core.room import Budget, FreeSpace
 from relay.queue.rows import NewMessage
 from relay.smtp.limits import ClientLimits
 from relay.smtp.policy import Policy
+from relay.smtp.spf import SpfCheck
 
 log = logging.getLogger("relay.smtp.server")
 
@@ -102,13 +103,14 @@ class Settings:
     greet_pause: float
     etrn_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     tls_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    spf: SpfCheck | None = None  # None: no SPF at MAIL FROM
 
     @classmethod
-    def build(cls, config: Config, policy: Policy,
-              tls_context: ssl.SSLContext | None) -> Settings:
+    def build(cls, config: Config, policy: Policy, tls_context: ssl.SSLContext | None,
+              spf: SpfCheck | None = None) -> Settings:
         smtp = config.smtp
         return cls(
-            policy=policy, tls_context=tls_context,
+            policy=policy, tls_context=tls_context, spf=spf,
             max_size=smtp.max_message_size, max_recipients=smtp.max_recipients,
             command_timeout=smtp.command_timeout or NO_TIMEOUT,
             data_timeout=smtp.data_timeout or NO_TIMEOUT,
@@ -149,9 +151,10 @@ class Shared:
         self, config: Config, policy: Policy, submit: Submit, id_factory: Callable[[], str],
         clock: Clock, on_etrn: OnEtrn | None, tls_context: ssl.SSLContext | None,
         loop: asyncio.AbstractEventLoop, metrics: SmtpMetrics | None,
+        spf: SpfCheck | None = None,
     ) -> None:
         smtp = config.smtp
-        self.settings = Settings.build(config, policy, tls_context)
+        self.settings = Settings.build(config, policy, tls_context, spf)
         self.hostname = config.node.hostname  # node.*: bound at start, as the listeners are
         self.shutting_down = f"421 4.3.2 {self.hostname} Service shutting down"
         self.submit = submit
@@ -178,10 +181,10 @@ class Shared:
                                     config.queue.min_free_space)
 
     def reconfigure(self, config: Config, policy: Policy,
-                    tls_context: ssl.SSLContext | None) -> None:
+                    tls_context: ssl.SSLContext | None, spf: SpfCheck | None = None) -> None:
         """A reload: sessions that connect from now on take the new settings;
         the connection limits apply at once to the counts kept so far."""
-        self.settings = Settings.build(config, policy, tls_context)
+        self.settings = Settings.build(config, policy, tls_context, spf)
         smtp = config.smtp
         self.limits.max_connections = smtp.max_connections
         self.limits.max_connections_per_ip = smtp.max_connections_per_ip

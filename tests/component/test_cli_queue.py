@@ -330,8 +330,10 @@ def test_show_json_is_the_list_shape_plus_history(filled: Queue, cfg: Path) -> N
     result = run("queue", "show", "01DEF", "--json", "-c", str(cfg))
     assert result.exit_code == 0, result.stderr
     obj = json.loads(result.stdout)
-    check_message_shape(obj, extra=frozenset({"destination", "client_address", "history"}),
-                        recipient_extra=frozenset({"uncertain", "notify", "orcpt"}))
+    check_message_shape(
+        obj, extra=frozenset({"destination", "client_address", "spf", "history"}),
+        recipient_extra=frozenset({"uncertain", "notify", "orcpt"}))
+    assert obj["spf"] is None  # stored without an SPF result
     assert [r.pop("uncertain") for r in obj["recipients"]] == [False, False]
     assert [(r.pop("notify"), r.pop("orcpt")) for r in obj["recipients"]] == [(None, None)] * 2
     [listed] = [m for m in listing(cfg) if m["id"] == "01DEF"]

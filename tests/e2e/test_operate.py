@@ -197,13 +197,16 @@ def test_queue_verbs_on_a_running_relay(deployment: Deployment) -> None:
     jsonschema.validate(shown, MESSAGE_SCHEMA)
     assert shown["id"] == first and shown["destination"] == "verrotech.com"
     assert shown["client_address"] == "127.0.0.1"
+    assert shown["spf"] == "none"  # sender.example publishes no SPF record
     # show's recipients carry more keys than list's (SPEC Part 2: "uncertain")
     assert [r.pop("uncertain") for r in shown["recipients"]] == [False]
     assert [(r.pop("notify"), r.pop("orcpt")) for r in shown["recipients"]] == [(None, None)]
     assert {k: shown[k] for k in tried} == tried
     raw = cli_bytes(relay, "queue", "show", held, "--raw")
     assert raw.returncode == 0, raw.stderr
-    assert raw.stdout.startswith(b"Received: from client.sender.example")
+    assert raw.stdout.startswith(
+        b"Authentication-Results: mail.verrotech.net; spf=none smtp.mailfrom=sender.example\r\n"
+        b"Received: from client.sender.example")
     assert strip_received(raw.stdout) == message(1)  # byte for byte, dot line included
     received = raw.stdout[: len(raw.stdout) - len(message(1))]
     assert b"by mail.verrotech.net" in received and held.encode() in received

@@ -119,6 +119,7 @@ def show_command(
                 item["orcpt"] = rcpt.orcpt  # RFC 3461, as given; null when not
             obj["destination"] = view.destination
             obj["client_address"] = view.client_address
+            obj["spf"] = view.spf
             obj["history"] = [
                 {"at": iso(at), "recipient": rcpt, "outcome": outcome, "reply": reply,
                  "remote_host": remote}

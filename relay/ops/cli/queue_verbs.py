@@ -208,10 +208,13 @@ def bounce_command(ctx: click.Context, config_path: str | None, ids: tuple[str, 
                 problems += 1
                 continue
             maillog.operator("bounced", [qid], user)
+            maillog.bounces_suppressed(message, decision.attempt.suppressed)
             dsns = decision.attempt.dsns
             queued_dsns += len(dsns)
             if dsns:
                 click.echo(f"{qid}: returned to <{message.sender}> (DSN queued as {dsns[0].id})")
+            elif held := decision.attempt.suppressed:
+                click.echo(f"{qid}: removed; bounce suppressed: spf={held[0]}")
             elif not message.sender or message.is_dsn:
                 click.echo(f"{qid}: removed; null sender, so no DSN")
             else:

@@ -139,6 +139,7 @@ def show_text(
         ("Destination", view.destination),
         ("Size", f"{view.size} bytes"),
         ("Received", received),
+        ("SPF", view.spf or "not evaluated"),
         ("Attempts", str(view.attempts)),
         ("Next attempt", _next_attempt_text(view, now)),
     ]
