@@ -34,9 +34,13 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
   `554 5.5.0 <hostname> Error: protocol violation (data sent before the
   greeting)` instead of the 220, then close
 * timeouts: `421 4.4.2 <hostname> Error: timeout exceeded`, then close;
-  `command_timeout`/`data_timeout` of 0 mean "no timeout". `data_timeout` is
-  an idle timeout: a client that sends nothing for that long inside DATA is
-  dropped (a slow but steady client is not).
+  `command_timeout`/`data_timeout` of 0 mean "no timeout". A command line
+  must be complete within `command_timeout` of our previous reply, however it
+  trickles in; inside DATA a client earns 1 s per `min_data_rate` bytes and
+  never holds more than `data_timeout` (a slow but steady client is not
+  dropped, one dripping a byte every few seconds is); a session older than
+  `max_session_time` hears it after the reply to the message in hand
+  (`deadline.py`).
 * shutdown (`Listeners.close()`): `421 4.3.2 <hostname> Service shutting down`
   to idle sessions at once, and to sessions receiving or storing a message
   right after that message's reply. Once `smtp.shutdown_grace` has passed

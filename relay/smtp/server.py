@@ -42,6 +42,7 @@ from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
 from relay.queue.rows import NewMessage
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
+from relay.smtp.deadline import DataDeadline, SessionCap
 from relay.smtp.policy import PathSyntaxError, sender_address, split_path
 from relay.smtp.replies import (
     BARE_CR_LF,
@@ -96,7 +97,8 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
-        self._data_seen = 0.0
+        self._deadline = DataDeadline(0.0, 0.0, 0)  # replaced at every DATA
+        self._cap: SessionCap | None = None
         self._continued: list[bytes] = []  # lines of a multi-line reply not sent yet
         self._talked = False  # the client sent something (watched before the greeting)
         self._talk_waiter: asyncio.Future[None] | None = None  # only while greet_pause runs
@@ -166,12 +168,16 @@ class RelaySMTP(SMTP):
             self.client_ip = client_ip(transport.get_extra_info("peername"))
             self.handler_task = self._handler_coroutine
             self._refusal = self._shared.admit(self)
+            self._cap = SessionCap(self.loop, self._settings.max_session_time, self._timeout_cb,
+                                   lambda: self._busy)
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
             self._shared.release(self)
+            if self._cap is not None:
+                self._cap.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._talked = True
@@ -212,13 +218,10 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         if self.transport is None:
             return
-        if self._in_data:
-            idle = self.loop.time() - self._data_seen
-            if idle < self._settings.data_timeout:
-                self._timeout_handle = self.loop.call_later(
-                    self._settings.data_timeout - idle, self._timeout_cb
-                )
-                return
+        left = self._deadline.left(self.loop.time())
+        if self._in_data and left > 0:
+            self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
+            return
         log.info("timeout %s from [%s]", "in DATA" if self._in_data else "waiting for a command",
                  self.client_ip)
         self._shared.reject("timeout")
@@ -460,6 +463,8 @@ class RelaySMTP(SMTP):
             self._busy = False
         if self._shared.closing:
             self._say_goodbye(self._shared.shutting_down)
+        elif self._cap is not None and self._cap.expired:  # smtp.max_session_time
+            self._timeout_cb()
 
     async def _read_data(self, receiver: DataReceiver) -> bool:
         """Read up to `<CRLF>.<CRLF>` into `receiver`: the unstuffed data in
@@ -475,7 +480,9 @@ class RelaySMTP(SMTP):
         reader = self._reader
         clock = self.loop.time
         self._in_data = True
-        self._data_seen = clock()
+        settings = self._settings
+        deadline = self._deadline = DataDeadline.starting(clock(), settings.data_timeout,
+                                                          settings.min_data_rate)
         self._reset_timeout(self._settings.data_timeout)
         try:
             while True:
@@ -484,7 +491,7 @@ class RelaySMTP(SMTP):
                     if self.transport is not None:
                         self.transport.close()
                     return False
-                self._data_seen = clock()
+                deadline.fed(clock(), len(chunk))
                 end = receiver.feed(chunk)
                 if end >= 0:
                     give_back(reader, chunk[end:])
