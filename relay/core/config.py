@@ -183,6 +183,11 @@ class QueueConfig(_Section):
     min_free_space: Size = 100_000_000
     """Free space the SQLite queue's file system must keep; below it `MAIL FROM` gets `452 4.3.1`
     and `/healthz` 503, until space returns; 0 = no check."""
+    lock_timeout: Duration = Field(5.0, gt=0)
+    """How long `relay serve` waits for the SQLite queue's write lock (held by another process)
+    before a write fails: a message being stored then gets `451 4.3.0` (within about twice this)
+    and `/healthz` answers 503 `database locked` until a write commits again. `relay` commands
+    wait 30 s. No effect on PostgreSQL."""
 
     @field_validator("url")
     @classmethod

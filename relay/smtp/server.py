@@ -40,7 +40,7 @@ from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, login_always_fail
 from relay.core import maillog
 from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
-from relay.queue.rows import NewMessage
+from relay.queue.rows import NewMessage, QueueError
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
 from relay.smtp.deadline import DataDeadline, SessionCap
 from relay.smtp.policy import PathSyntaxError, sender_address, split_path
@@ -98,7 +98,8 @@ class RelaySMTP(SMTP):
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
         self._deadline = DataDeadline(0.0, 0.0, 0)  # replaced at every DATA
-        self._cap: SessionCap | None = None
+        self._cap = SessionCap(shared.loop, self._settings.max_session_time, self._timeout_cb,
+                               lambda: self._busy)  # the protocol is made as the client connects
         self._continued: list[bytes] = []  # lines of a multi-line reply not sent yet
         self._talked = False  # the client sent something (watched before the greeting)
         self._talk_waiter: asyncio.Future[None] | None = None  # only while greet_pause runs
@@ -168,16 +169,13 @@ class RelaySMTP(SMTP):
             self.client_ip = client_ip(transport.get_extra_info("peername"))
             self.handler_task = self._handler_coroutine
             self._refusal = self._shared.admit(self)
-            self._cap = SessionCap(self.loop, self._settings.max_session_time, self._timeout_cb,
-                                   lambda: self._busy)
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
             self._shared.release(self)
-            if self._cap is not None:
-                self._cap.cancel()
+            self._cap.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._talked = True
@@ -463,7 +461,7 @@ class RelaySMTP(SMTP):
             self._busy = False
         if self._shared.closing:
             self._say_goodbye(self._shared.shutting_down)
-        elif self._cap is not None and self._cap.expired:  # smtp.max_session_time
+        elif self._cap.expired:  # smtp.max_session_time
             self._timeout_cb()
 
     async def _read_data(self, receiver: DataReceiver) -> bool:
@@ -542,7 +540,8 @@ class RelaySMTP(SMTP):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("%s: not queued, storage failed: %s", queue_id, exc, exc_info=exc)
+            trace = not isinstance(exc, QueueError)  # ours say it all in one line
+            log.error("%s: not queued, storage failed: %s", queue_id, exc, exc_info=trace)
             shared.reject("storage")
             maillog.rejected(self.client_ip, "DATA", STORAGE_FAILED, sender, ",".join(recipients))
             return STORAGE_FAILED

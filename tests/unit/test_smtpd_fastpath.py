@@ -21,6 +21,7 @@ from relay.core import config as config_module
 from relay.core.clock import FakeClock
 from relay.smtp import server as smtpd
 from relay.smtp.data import DataReceiver
+from relay.smtp.deadline import SessionCap
 from relay.smtp.policy import Policy
 
 # -- session setup ---------------------------------------------------------------
@@ -71,6 +72,8 @@ def comparable(value: Any, owner: object) -> Any:
         return "future", value.done()
     if isinstance(value, collections.deque):
         return "deque", list(value)
+    if isinstance(value, SessionCap):  # armed on the loop: compare what it decides
+        return "cap", value.expired
     return value
 
 
