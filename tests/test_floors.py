@@ -86,7 +86,7 @@ def _floors_venv() -> Path:
     venv.create(home, with_pip=True)
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-c", str(FLOORS), "-e", f"{ROOT}[test,postgresql]"],
+         "-c", str(FLOORS), "-e", f"{ROOT}[test,postgresql,fuzz]"],
         capture_output=True, text=True, timeout=900, check=False,
     )
     if install.returncode != 0:

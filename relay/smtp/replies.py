@@ -96,6 +96,7 @@ _ENHANCED_DEFAULTS = {
 }
 _ENHANCED_2XX = {"220 Ready to start TLS": "220 2.0.0 Ready to start TLS"}
 _NOT_PRINTABLE = re.compile(r"[^!-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def enhance(status: str) -> str:
     """Give a stock aiosmtpd reply an enhanced status code (RFC 2034).
@@ -113,6 +114,12 @@ def enhance(status: str) -> str:
     code = int(status[:3])
     return f"{status[:4]}{_ENHANCED_DEFAULTS.get(code, f'{status[0]}.0.0')} {text}"
 
+
+
+def one_reply_line(status: str) -> str:
+    """A reply echoing client text, with its control characters (CR and LF
+    would split the reply, a NUL would end it for some clients) as `?`."""
+    return _CONTROL.sub("?", status)
 
 
 def printable(text: str, limit: int = 255) -> str:

@@ -55,6 +55,7 @@ from relay.smtp.replies import (
     TOO_MANY_HOPS,
     count_received,
     enhance,
+    one_reply_line,
     printable,
     received_header,
     valid_utf8,
@@ -250,8 +251,8 @@ class RelaySMTP(SMTP):
         for its last one and go out together: one write, one segment, where
         aiosmtpd's EHLO would make one per line."""
         if isinstance(status, str):
-            if "\r" in status or "\n" in status:  # echoed client text must not split a reply
-                status = status.replace("\r", "?").replace("\n", "?")
+            if not status.isprintable():  # echoed client text: no CR, LF or NUL in a reply
+                status = one_reply_line(status)
             status = enhance(status).encode("utf-8", "replace")
         if status[3:4] == b"-":
             self._continued.append(status)
