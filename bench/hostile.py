@@ -52,6 +52,11 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def vm(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -190,7 +195,9 @@ def main() -> None:
                 time.sleep(0.2)  # a harness waiting for the relay to listen
         idle_rss = vm(relay.pid, "VmRSS")
         load0 = os.getloadavg()
+        cpu0 = cpu_seconds(relay.pid)
         alone = asyncio.run(normal_phase(port, args.normal, args.size, args.window))
+        cpu_alone = (cpu_seconds(relay.pid) - cpu0) / args.window
         slow = subprocess.Popen([sys.executable, __file__, "--slow", str(args.slow),
                                  "--chunk", str(args.chunk), "--pace", str(args.pace),
                                  "--slow-side", str(port)],
@@ -212,7 +219,10 @@ def main() -> None:
                 normal_phase(port, args.normal, args.size, args.window), sample(until))
             return rate
 
+        cpu0, slow_cpu0 = cpu_seconds(relay.pid), cpu_seconds(slow.pid)
         with_slow = asyncio.run(loaded())
+        cpu_loaded = (cpu_seconds(relay.pid) - cpu0) / args.window
+        slow_cpu = (cpu_seconds(slow.pid) - slow_cpu0) / args.window
         load1 = os.getloadavg()
         slow.stdin.write("\n")
         slow.stdin.flush()
@@ -226,6 +236,8 @@ def main() -> None:
         print(f"  normal senders alone: {alone:.0f} msg/s; with the slow sessions: "
               f"{with_slow:.0f} msg/s; ratio {with_slow / alone:.2f} (target >= 0.8)")
         print(f"  slow side: {ready[1]} in DATA at once; at the end {slow_stats}")
+        print(f"  CPU (cores busy): relay alone {cpu_alone:.2f}, relay with the slow sessions "
+              f"{cpu_loaded:.2f}, the slow side's own process {slow_cpu:.2f}")
         print(f"  relay RSS: idle {idle_rss / 1024:.0f} MB, peak sampled "
               f"{max(rss_samples) / 1024:.0f} MB, VmHWM {hwm / 1024:.0f} MB; bound "
               f"idle + max_inflight_data = {(idle_rss + inflight_kb) / 1024:.0f} MB")
