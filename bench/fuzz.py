@@ -202,8 +202,8 @@ def main() -> None:
     if args.sessions:
         env = {**os.environ, "RELAY_FUZZ_SESSIONS": str(args.sessions)}
         sys.exit(subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
-             "addopts=", "--timeout=0", "tests/component/test_smtp_fuzz.py"],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+             "-o", "addopts=", "--timeout=0", "tests/component/test_smtp_fuzz.py"],
             cwd=ROOT, env=env, check=False).returncode)
     RUNS[0] = args.runs
     argv = [sys.argv[0], f"-runs={args.runs}", f"-timeout={args.hang}",
