@@ -27,8 +27,8 @@ log = logging.getLogger("relay.service")
 
 # Bound at start: the sockets, the queue's engine, the name we greet and route
 # by. A reload keeps their running values.
-RESTART_KEYS = ("smtp.listen", "queue.url", "metrics.listen", "node.hostname",
-                "node.addresses")
+RESTART_KEYS = ("smtp.listen", "queue.url", "queue.lock_timeout", "metrics.listen",
+                "node.hostname", "node.addresses")
 SECTIONS = ("smtp", "queue", "delivery", "dns", "log", "domains")  # what a reload can change
 
 Load = Callable[[], Config]
@@ -52,7 +52,8 @@ def keep_running_values(old: Config, new: Config) -> Config:
     return new.model_copy(update={
         "node": old.node,
         "smtp": new.smtp.model_copy(update={"listen": old.smtp.listen}),
-        "queue": new.queue.model_copy(update={"url": old.queue.url}),
+        "queue": new.queue.model_copy(update={"url": old.queue.url,
+                                              "lock_timeout": old.queue.lock_timeout}),
         "metrics": old.metrics,
     })
 

@@ -294,7 +294,8 @@ async def serve(
 
     database = config.queue.sqlite_path
     created = database is not None and not database.parent.exists()
-    engine = db.connect(config.queue.url, background_checkpoints=True)
+    engine = db.connect(config.queue.url, background_checkpoints=True,
+                        lock_timeout=config.queue.lock_timeout)
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
     store = Store(Queue(engine))
@@ -384,7 +385,7 @@ async def serve(
     http = None
     if config.metrics.address is not None:
         health = HealthCheck(listening=lambda: not stop.is_set(), ping=store.queue.ping,
-                             room=listeners.free_space.problem)
+                             room=listeners.free_space.problem, writes=store.write_problem)
         try:
             http = await start_http(config.metrics.address, metrics.registry, health)
         except OSError as exc:

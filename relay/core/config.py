@@ -114,7 +114,16 @@ class SmtpConfig(_Section):
     """Idle time allowed between commands; then `421 4.4.2` and the session is closed; 0 = no
     timeout."""
     data_timeout: Duration = 600.0
-    """Idle time allowed inside DATA (a slow but steady client is not cut off); 0 = no timeout."""
+    """Time allowed inside DATA: a client starts with this much, earns 1 s for every
+    `min_data_rate` bytes it sends, and never holds more than this; then `421 4.4.2` and the
+    session is closed (a slow but steady client is not cut off); 0 = no timeout."""
+    min_data_rate: Size = 500
+    """Bytes a second a client must keep up inside DATA (Postfix's `smtpd_min_data_rate`): one
+    dripping a byte every few seconds runs out of `data_timeout`; 0 = `data_timeout` is only an
+    idle timeout."""
+    max_session_time: Duration = 3600.0
+    """Longest SMTP session: a client that still holds its connection after this long hears
+    `421 4.4.2` and is closed (after the reply to a message it is sending); 0 = no limit."""
     shutdown_grace: Duration = 10.0  # on SIGTERM, for messages still arriving
     """On SIGTERM, how long a message still arriving may finish before its session hears `421` and
     the message is dropped (never acknowledged, so its client sends it again)."""
@@ -177,6 +186,11 @@ class QueueConfig(_Section):
     min_free_space: Size = 100_000_000
     """Free space the SQLite queue's file system must keep; below it `MAIL FROM` gets `452 4.3.1`
     and `/healthz` 503, until space returns; 0 = no check."""
+    lock_timeout: Duration = Field(5.0, gt=0)
+    """How long `relay serve` waits for the SQLite queue's write lock (held by another process)
+    before a write fails: a message being stored then gets `451 4.3.0` (within about twice this)
+    and `/healthz` answers 503 `database locked` until a write commits again. `relay` commands
+    wait 30 s. No effect on PostgreSQL."""
 
     @field_validator("url")
     @classmethod

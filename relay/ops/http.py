@@ -70,7 +70,8 @@ class _Shared:
 
 class HealthCheck:
     """`/healthz`: the SMTP listener is up, there is room (`room()` says what is
-short, if anything) and the database answers in time.
+short, if anything), writes commit (`writes(timeout)` says why not, if not)
+and the database answers in time.
 
     `listening()` is called on the event loop; `ping()` blocks (it is
     `Queue.ping`, raising when the database does not answer) and runs in a
@@ -83,9 +84,11 @@ short, if anything) and the database answers in time.
         ping: Callable[[], None],
         timeout: float = HEALTH_TIMEOUT,
         room: Callable[[], str | None] = lambda: None,
+        writes: Callable[[float], Awaitable[str | None]] | None = None,
     ) -> None:
         self._listening = listening
         self._room = room
+        self._writes = writes
         self._ping = _Shared(ping, "relay-health")
         self._timeout = timeout
 
@@ -95,6 +98,9 @@ short, if anything) and the database answers in time.
         short = self._room()  # e.g. the queue's file system short of space
         if short is not None:
             return False, short
+        stuck = await self._writes(self._timeout) if self._writes is not None else None
+        if stuck is not None:  # e.g. SQLite's write lock held by another process
+            return False, stuck
         try:
             await self._ping(self._timeout)
         except TimeoutError:

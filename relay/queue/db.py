@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+LOCK_TIMEOUT = 30.0  # seconds a SQLite write waits for a lock (`relay serve`: queue.lock_timeout)
 # pg_advisory_xact_lock key held while migrating ("relaymig"): one node migrates,
 # the others wait and then find the schema at head.
 MIGRATION_LOCK = 0x72656C61796D6967
@@ -132,7 +133,7 @@ def _failure(what: str, engine: Engine, exc: BaseException) -> DatabaseError:
     return DatabaseError(f"{what}: {where}: {found or _one_line(exc)}")
 
 
-def _sqlite_setup(engine: Engine, background_checkpoints: bool) -> None:
+def _sqlite_setup(engine: Engine, background_checkpoints: bool, lock_timeout: float) -> None:
     """WAL with synchronous=FULL: a commit is on disk before we answer 250.
 
     With `background_checkpoints` no commit copies the WAL into the database
@@ -147,7 +148,7 @@ def _sqlite_setup(engine: Engine, background_checkpoints: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={round(lock_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # Debian builds SQLite with SECURE_DELETE, which zeroes every freed page:
         # each delivered body would be written a second time. FAST zeroes
@@ -189,11 +190,14 @@ def _postgresql_setup(engine: Engine) -> None:
             conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
 
-def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
+def connect(url: str, *, background_checkpoints: bool = False,
+            lock_timeout: float = LOCK_TIMEOUT) -> Engine:
     """An engine for the queue URL; SQLite's directory is created if missing.
 
     `background_checkpoints`: the caller checkpoints SQLite's WAL itself
     (see `checkpoint`), so commits never do; no effect on PostgreSQL.
+    `lock_timeout`: how long a SQLite statement waits for a lock another
+    connection holds before failing with "database is locked".
 
     Every transaction is durable (fsync'd at commit) unless begun on a
     connection with the execution option `durable=False`: then its commit may
@@ -216,7 +220,7 @@ def connect(url: str, *, background_checkpoints: bool = False) -> Engine:
                     f"cannot create the directory of {path}: {cause(exc)}"
                 ) from None
         engine = create_engine(parsed, pool_size=8, max_overflow=8)
-        _sqlite_setup(engine, background_checkpoints)
+        _sqlite_setup(engine, background_checkpoints, lock_timeout)
         if parsed.database and parsed.database != ":memory:":
             _create_private_on_connect(engine, location(parsed))
         return engine

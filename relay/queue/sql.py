@@ -23,7 +23,7 @@ from sqlalchemy.types import TypeEngine
 from relay.core.address import destination_key
 from relay.core.dsnparams import NO_RCPT_PARAMS, notify_text
 from relay.core.model import MessageState, RecipientStatus
-from relay.queue.rows import NewMessage, Selector
+from relay.queue.rows import NewMessage, QueueError, Selector
 from relay.queue.schema import bodies, delivery_log, messages, recipients
 
 PENDING = (RecipientStatus.QUEUED.value, RecipientStatus.DEFERRED.value)
@@ -233,6 +233,16 @@ class QueueBase:
             # transaction starts on a fresh connection.
             held.drop()
             raise
+
+    def write_ping(self) -> None:
+        """Take the write lock and let it go (an empty write transaction):
+        QueueError unless a write could commit now. What the store probes with
+        while the database is locked (`store.Store.write_problem`)."""
+        try:
+            with self._transaction(durable=False):
+                pass
+        except SQLAlchemyError as exc:
+            raise QueueError(one_line(exc)) from exc
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:

@@ -4,7 +4,9 @@ Owns the bridge between asyncio and the database threads: every write goes
 to the writer thread (`writer.py`: group commit, so each SMTP session still
 hears 250 only after the transaction holding its own message committed);
 reads run in a small thread pool, since WAL readers never wait for the
-writer. Refuses SQL of its own: every statement is in the queue's parts (`access.Queue`).
+writer; and whether the writer can commit at all (`write_problem`: SQLite's
+write lock held by another process, for `/healthz`). Refuses SQL of its own:
+every statement is in the queue's parts (`access.Queue`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ log = logging.getLogger("relay.queue.store")
 
 T = TypeVar("T")
 
+LOCKED = "database is locked"  # SQLite's words when its busy timeout ran out
+
+
+def _locked(error: BaseException | None) -> bool:
+    return error is not None and LOCKED in str(error)
+
 
 class Store:
     """Writes go to ONE writer (SQLite has one writer; several would put each
@@ -42,6 +50,8 @@ class Store:
         self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.AbstractEventLoop]] = {}
         self._writer = _WriterThread(queue, checkpoints, self._settle)
         self._closed = False
+        self._locked = False  # the last write failed on the lock; none committed since
+        self._probe: asyncio.Future[Any] | None = None
 
     def put(self, message: NewMessage) -> asyncio.Future[None]:
         """A future done once `message` is durably committed; QueueError if it
@@ -98,6 +108,25 @@ class Store:
         """Whether WAL checkpoints are running (for tests and health)."""
         return self._writer.checkpointing
 
+    async def write_problem(self, timeout: float) -> str | None:
+        """None while writes commit; "database locked" after a write failed on
+        a lock another process holds, until a probe through the writer (an empty
+        write transaction, at most one at a time, waited for up to `timeout`)
+        finds the lock gone. A database that does not answer at all is the
+        read ping's to report (`/healthz`)."""
+        if not self._locked:
+            return None
+        if self._probe is None or self._probe.done():
+            self._probe = self._send(method="write_ping")
+            self._probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), timeout)
+        except TimeoutError:
+            return "database locked"
+        except Exception as exc:
+            return "database locked" if _locked(exc) else None
+        return None
+
     def _settle(self, answers: list[Answer]) -> None:
         """Called from the writer's side: wake the callers in their loops, with
         one call per loop for the whole batch (one wake-up, not one per answer)."""
@@ -105,6 +134,10 @@ class Store:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             current = None
+        if any(_locked(answer.error) for answer in answers):
+            self._locked = True
+        elif any(answer.error is None for answer in answers):
+            self._locked = False
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Answer]]] = {}
         for answer in answers:
             waiting = self._waiting.pop(answer.key, None)

@@ -19,9 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from relay.queue import db
 from relay.queue.access import Queue
 from relay.queue.rows import Attempt, NewMessage, QueueError, Recorded
+from relay.queue.sql import one_line
 
 log = logging.getLogger("relay.queue.writer")
 
@@ -133,8 +136,12 @@ def _commit(queue: Queue, batch: list[Request]) -> list[Answer]:
 
 
 def _call(queue: Queue, request: Request) -> Answer:
+    """A database error comes back as a one-line QueueError, as from a group
+    commit (a locked or vanished database is routine: no traceback for it)."""
     try:
         value = getattr(queue, request.method)(*request.args, **request.kwargs)
+    except SQLAlchemyError as exc:
+        return Answer(request.key, error=QueueError(one_line(exc)))
     except Exception as exc:
         return Answer(request.key, error=exc)
     return Answer(request.key, value=value)

@@ -34,9 +34,13 @@ Replies chosen where SPEC leaves the wording to us (Postfix's where it has one):
   `554 5.5.0 <hostname> Error: protocol violation (data sent before the
   greeting)` instead of the 220, then close
 * timeouts: `421 4.4.2 <hostname> Error: timeout exceeded`, then close;
-  `command_timeout`/`data_timeout` of 0 mean "no timeout". `data_timeout` is
-  an idle timeout: a client that sends nothing for that long inside DATA is
-  dropped (a slow but steady client is not).
+  `command_timeout`/`data_timeout` of 0 mean "no timeout". A command line
+  must be complete within `command_timeout` of our previous reply, however it
+  trickles in; inside DATA a client earns 1 s per `min_data_rate` bytes and
+  never holds more than `data_timeout` (a slow but steady client is not
+  dropped, one dripping a byte every few seconds is); a session older than
+  `max_session_time` hears it after the reply to the message in hand
+  (`deadline.py`).
 * shutdown (`Listeners.close()`): `421 4.3.2 <hostname> Service shutting down`
   to idle sessions at once, and to sessions receiving or storing a message
   right after that message's reply. Once `smtp.shutdown_grace` has passed
@@ -92,6 +96,7 @@ _ENHANCED_DEFAULTS = {
 }
 _ENHANCED_2XX = {"220 Ready to start TLS": "220 2.0.0 Ready to start TLS"}
 _NOT_PRINTABLE = re.compile(r"[^!-~]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def enhance(status: str) -> str:
     """Give a stock aiosmtpd reply an enhanced status code (RFC 2034).
@@ -109,6 +114,12 @@ def enhance(status: str) -> str:
     code = int(status[:3])
     return f"{status[:4]}{_ENHANCED_DEFAULTS.get(code, f'{status[0]}.0.0')} {text}"
 
+
+
+def one_reply_line(status: str) -> str:
+    """A reply echoing client text, with its control characters (CR and LF
+    would split the reply, a NUL would end it for some clients) as `?`."""
+    return _CONTROL.sub("?", status)
 
 
 def printable(text: str, limit: int = 255) -> str:

@@ -40,9 +40,11 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 from relay.core import maillog
 from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
-from relay.queue.rows import NewMessage
+from relay.queue.rows import NewMessage, QueueError
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
+from relay.smtp.deadline import DataDeadline, SessionCap
 from relay.smtp.envelope import RelayEnvelope, mail_params, rcpt_params
+from relay.smtp.etrn import answer_etrn
 from relay.smtp.policy import PathSyntaxError, sender_address, split_path
 from relay.smtp.replies import (
     BARE_CR_LF,
@@ -55,6 +57,7 @@ from relay.smtp.replies import (
     TOO_MANY_HOPS,
     count_received,
     enhance,
+    one_reply_line,
     printable,
     received_header,
     valid_utf8,
@@ -89,7 +92,9 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
-        self._data_seen = 0.0
+        self._deadline = DataDeadline(0.0, 0.0, 0)  # replaced at every DATA
+        self._cap = SessionCap(shared.loop, self._settings.max_session_time, self._timeout_cb,
+                               lambda: self._busy)  # the protocol is made as the client connects
         self._continued: list[bytes] = []  # lines of a multi-line reply not sent yet
         self._talked = False  # the client sent something (watched before the greeting)
         self._talk_waiter: asyncio.Future[None] | None = None  # only while greet_pause runs
@@ -165,6 +170,7 @@ class RelaySMTP(SMTP):
             super().connection_lost(error)
         finally:
             self._shared.release(self)
+            self._cap.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._talked = True
@@ -205,13 +211,10 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         if self.transport is None:
             return
-        if self._in_data:
-            idle = self.loop.time() - self._data_seen
-            if idle < self._settings.data_timeout:
-                self._timeout_handle = self.loop.call_later(
-                    self._settings.data_timeout - idle, self._timeout_cb
-                )
-                return
+        left = self._deadline.left(self.loop.time())
+        if self._in_data and left > 0:
+            self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
+            return
         log.info("timeout %s from [%s]", "in DATA" if self._in_data else "waiting for a command",
                  self.client_ip)
         self._shared.reject("timeout")
@@ -242,8 +245,8 @@ class RelaySMTP(SMTP):
         for its last one and go out together: one write, one segment, where
         aiosmtpd's EHLO would make one per line."""
         if isinstance(status, str):
-            if "\r" in status or "\n" in status:  # echoed client text must not split a reply
-                status = status.replace("\r", "?").replace("\n", "?")
+            if not status.isprintable():  # echoed client text: no CR, LF or NUL in a reply
+                status = one_reply_line(status)
             status = enhance(status).encode("utf-8", "replace")
         if status[3:4] == b"-":
             self._continued.append(status)
@@ -462,6 +465,8 @@ class RelaySMTP(SMTP):
             self._busy = False
         if self._shared.closing:
             self._say_goodbye(self._shared.shutting_down)
+        elif self._cap.expired:  # smtp.max_session_time
+            self._timeout_cb()
 
     async def _read_data(self, receiver: DataReceiver) -> bool:
         """Read up to `<CRLF>.<CRLF>` into `receiver`: the unstuffed data in
@@ -477,7 +482,9 @@ class RelaySMTP(SMTP):
         reader = self._reader
         clock = self.loop.time
         self._in_data = True
-        self._data_seen = clock()
+        settings = self._settings
+        deadline = self._deadline = DataDeadline.starting(clock(), settings.data_timeout,
+                                                          settings.min_data_rate)
         self._reset_timeout(self._settings.data_timeout)
         try:
             while True:
@@ -486,7 +493,7 @@ class RelaySMTP(SMTP):
                     if self.transport is not None:
                         self.transport.close()
                     return False
-                self._data_seen = clock()
+                deadline.fed(clock(), len(chunk))
                 end = receiver.feed(chunk)
                 if end >= 0:
                     give_back(reader, chunk[end:])
@@ -541,7 +548,8 @@ class RelaySMTP(SMTP):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("%s: not queued, storage failed: %s", queue_id, exc, exc_info=exc)
+            trace = not isinstance(exc, QueueError)  # ours say it all in one line
+            log.error("%s: not queued, storage failed: %s", queue_id, exc, exc_info=trace)
             shared.reject("storage")
             maillog.rejected(self.client_ip, "DATA", STORAGE_FAILED, sender, ",".join(recipients))
             return STORAGE_FAILED
@@ -564,35 +572,11 @@ class RelaySMTP(SMTP):
     async def smtp_ETRN(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        shared = self._shared
         if self._envelope().mail_from is not None:
             await self.push("503 5.5.1 Error: MAIL transaction in progress")
             return
-        node = (arg or "").strip()
-        name = node[1:] if node[:1] in ("@", "#") else node
-        if host_key(name) is None:  # either spelling: U-labels arrive as UTF-8
-            await self.push("501 5.5.4 Syntax: ETRN <domain>")
-            return
-        if not self._settings.etrn_allowed(self.client_ip):
-            await self._refuse("etrn", "ETRN", f"459 4.7.1 Node {node} not allowed: access denied")
-            return
-        domain = None if node.startswith("#") else self._settings.policy.hosted(name)
-        if domain is None:
-            await self.push(f"458 4.1.0 Unable to queue messages for node {node}: "
-                            "not a hosted domain")
-            return
-        if not shared.limits.allow_etrn(self.client_ip, domain):
-            await self._refuse("etrn_rate", "ETRN", f"458 4.7.1 Unable to queue messages for "
-                               f"node {node}: too many ETRN requests, try again later")
-            return
-        if shared.on_etrn is None:
-            await self.push(f"458 4.3.0 Unable to queue messages for node {node}")
-            return
-        try:
-            await shared.on_etrn(domain)
-        except Exception as exc:
-            log.error("ETRN %s from [%s] failed: %s", domain, self.client_ip, exc, exc_info=exc)
-            await self.push(f"458 4.3.0 Unable to queue messages for node {node}")
-            return
-        log.info("ETRN %s from [%s]: queue flushed", domain, self.client_ip)
-        await self.push(f"250 2.0.0 Queuing for node {node} started")
+        answer = await answer_etrn(arg or "", self.client_ip, self._settings, self._shared)
+        if answer.refused is not None:
+            await self._refuse(answer.refused, "ETRN", answer.reply)
+        else:
+            await self.push(answer.reply)

@@ -100,6 +100,8 @@ class Settings:
     max_recipients: int
     command_timeout: float
     data_timeout: float
+    min_data_rate: int
+    max_session_time: float
     greet_pause: float
     etrn_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     tls_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -114,6 +116,7 @@ class Settings:
             max_size=smtp.max_message_size, max_recipients=smtp.max_recipients,
             command_timeout=smtp.command_timeout or NO_TIMEOUT,
             data_timeout=smtp.data_timeout or NO_TIMEOUT,
+            min_data_rate=smtp.min_data_rate, max_session_time=smtp.max_session_time,
             greet_pause=smtp.greet_pause,
             etrn_networks=tuple(ipaddress.ip_network(n) for n in smtp.etrn_clients),
             tls_networks=tuple(ipaddress.ip_network(n) for n in smtp.require_tls_from),

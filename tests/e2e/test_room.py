@@ -219,3 +219,49 @@ def test_postgresql_stopped_and_restarted_under_a_running_relay(
     finally:
         primary.release_data()
         server.stop()
+
+
+def test_a_queue_locked_past_lock_timeout_is_451_and_503_until_the_lock_goes(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock: the client hears 451 4.3.0
+    within about twice `queue.lock_timeout` (never 250), `/healthz` says
+    `database locked`, and both recover by themselves once the lock goes."""
+    metrics_port = free_port("127.0.0.1")
+    deployment.write_config(queue={"lock_timeout": "1s"},
+                            metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    primary = deployment.sink(PRIMARY)
+    relay = deployment.relay().start()
+    first = deployment.send(SENDER, [ALICE], message(1))
+    primary.wait_for_messages(1)
+    assert healthz_until(metrics_port, 200).strip() == "ok"
+
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(tmp_path / "queue.db")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert locker.stdout is not None and locker.stdin is not None
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        with smtplib.SMTP(RELAY, deployment.relay_port, timeout=30) as client:
+            client.ehlo("client.sender.example")
+            assert client.mail(SENDER)[0] == 250
+            assert client.rcpt(ALICE)[0] == 250
+            began = time.monotonic()
+            code, reply = client.data(message(2))
+            waited = time.monotonic() - began
+        assert (code, reply.decode()) == (451, "4.3.0 Error: queue file write error")
+        assert waited < 5  # 1 s of lock_timeout, twice at most, not SQLite's 30 s
+        assert healthz_until(metrics_port, 503).strip() == "database locked"
+        locker.stdin.write("\n")
+        locker.stdin.flush()
+        assert locker.wait(10) == 0
+    finally:
+        locker.kill()
+        locker.communicate()
+    assert healthz_until(metrics_port, 200).strip() == "ok"
+    third = deployment.send(SENDER, [ALICE], message(3))
+    got = primary.wait_for_messages(2)
+    relay.wait_for(rf"{third}: delivered ")
+    assert [m.data.endswith(message(n)) for m, n in zip(got, (1, 3), strict=True)] == [True] * 2
+    assert relay.count(rf"{first}: delivered ") == 1
+    assert relay.queue_list() == []  # every acknowledged message delivered, nothing left
+    assert "Traceback" not in relay.log
+    assert relay.terminate() == 0

@@ -26,14 +26,16 @@ def config(tmp_path: Path, **data: Any) -> Config:
 def test_keys_bound_at_start_keep_their_running_values(tmp_path: Path) -> None:
     old = config(tmp_path)
     new = config(tmp_path, smtp={"listen": ["127.0.0.1:26"], "max_recipients": 5},
-                 queue={"url": "sqlite:////other.db", "log_retention": "1d"},
+                 queue={"url": "sqlite:////other.db", "log_retention": "1d",
+                        "lock_timeout": "9s"},
                  node={"hostname": "other.example"}, metrics={"listen": "127.0.0.1:1"},
                  domains={"new.example": {}})
-    assert needs_restart(old, new) == ["smtp.listen", "queue.url", "metrics.listen",
-                                       "node.hostname"]
+    assert needs_restart(old, new) == ["smtp.listen", "queue.url", "queue.lock_timeout",
+                                       "metrics.listen", "node.hostname"]
     kept = keep_running_values(old, new)
-    assert (kept.smtp.listen, kept.queue.url, kept.node, kept.metrics) == (
-        old.smtp.listen, old.queue.url, old.node, old.metrics)
+    assert (kept.smtp.listen, kept.queue.url, kept.queue.lock_timeout, kept.node,
+            kept.metrics) == (old.smtp.listen, old.queue.url, old.queue.lock_timeout, old.node,
+                              old.metrics)
     assert (kept.smtp.max_recipients, kept.queue.log_retention) == (5, 86400.0)
     assert list(kept.domains) == ["new.example"]
     assert changed_sections(old, kept) == ["smtp", "queue", "domains"]
