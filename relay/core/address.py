@@ -95,28 +95,35 @@ def parse_domain(text: str) -> Domain:
         raise AddressError("empty domain")
     if name.startswith("["):
         return _literal(name)
+    if not name.isascii():
+        name = _a_labels(text, name)
     if name.endswith("."):
         name = name[:-1]
     if not name:
         raise AddressError(f"{text!r} is not a domain name: empty")
-    if name.isascii():
-        key = name.lower()
-        labels = key.split(".")
-        for label in labels:
-            if not _LDH_LABEL.fullmatch(label):
-                raise AddressError(f"{text!r} is not a domain name: {_label_problem(label)}")
-        display = key
-        if any(label.startswith("xn--") for label in labels):
-            display = ".".join(_u_label(text, label) for label in labels)
-    else:
-        try:
-            key = idna.encode(name, uts46=True, transitional=False).decode("ascii").lower()
-            display = idna.decode(key)
-        except UnicodeError as exc:  # idna.IDNAError, or text that is not Unicode
-            raise AddressError(f"{text!r} is not a domain name: {exc}") from None
+    key = name.lower()
+    labels = key.split(".")
+    for label in labels:
+        if not _LDH_LABEL.fullmatch(label):
+            raise AddressError(f"{text!r} is not a domain name: {_label_problem(label)}")
+    display = key
+    if any(label.startswith("xn--") for label in labels):
+        display = ".".join(_u_label(text, label) for label in labels)
     if len(key) > MAX_DOMAIN:
         raise AddressError(f"{text!r} is not a domain name: longer than {MAX_DOMAIN} octets")
     return Domain(key, display)
+
+
+def _a_labels(text: str, name: str) -> str:
+    """UTS #46 mapping, then each non-ASCII label as its A-label; ASCII labels
+    are left to the LDH rules, so a name and its A-label spelling are judged
+    alike (``ab--cd.ä`` is ``ab--cd.xn--4ca``)."""
+    try:
+        mapped = idna.uts46_remap(name, std3_rules=True, transitional=False)
+        return ".".join(label if label.isascii() else idna.alabel(label).decode("ascii")
+                        for label in mapped.split("."))
+    except UnicodeError as exc:  # idna.IDNAError, or text that is not Unicode
+        raise AddressError(f"{text!r} is not a domain name: {exc}") from None
 
 
 def _u_label(text: str, label: str) -> str:
