@@ -19,6 +19,7 @@ import re
 import smtplib
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.deployment import NORWICH, PRIMARY, RELAY, Deployment, message, to_toml
 from tests.support.relay_process import READY, RelayProcess, free_port
@@ -46,11 +48,13 @@ class Cluster:
                  concurrency: int = 10) -> None:
         self.deployment = deployment
         self.ports = [free_port(host) for _, host in HOSTS]
+        self.metrics_ports = [free_port(host) for _, host in HOSTS]
         self.relays: list[RelayProcess] = []
         for n, ((hostname, host), port) in enumerate(zip(HOSTS, self.ports, strict=True)):
             settings: dict[str, Any] = json.loads(json.dumps(deployment.settings))
             settings["node"] = {"hostname": hostname}
             settings["smtp"] = {"listen": [f"{host}:{port}"]}
+            settings["metrics"] = {"listen": f"{host}:{self.metrics_ports[n]}"}
             settings["queue"] = {"url": url, "lease": f"{LEASE:g}s"}
             settings["delivery"] |= {"concurrency": concurrency,
                                      "per_destination_concurrency": concurrency}
@@ -82,6 +86,14 @@ class Cluster:
             for n in numbers:
                 refused = client.sendmail("s@sender.example", ["alice@verrotech.com"], message(n))
                 assert refused == {}
+
+    def scrape(self, node: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Node `node`'s /metrics: (sample name, labels) -> value."""
+        url = f"http://{HOSTS[node][1]}:{self.metrics_ports[node]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read().decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(body) for s in family.samples}
 
     def nodes(self) -> list[dict[str, Any]]:
         result = self.relays[0].cli("nodes", "--json")
@@ -188,6 +200,19 @@ def test_three_nodes_deliver_each_message_once_when_the_primary_comes_back(
     assert norwich.session_count == 0  # nobody handed mail to MX 30 ...
     for relay in cluster.relays:  # ... or to node 1 (MX 20), or looped
         assert "loops back" not in relay.log
+
+    # Each node counts its own deliveries (labelled with its name); the queue
+    # gauges are the cluster's, unlabelled, the same on every node.
+    delivered = 0.0
+    for node, (hostname, _) in enumerate(HOSTS):
+        samples = cluster.scrape(node)
+        mine = samples[("relay_delivery_attempts_total",
+                        frozenset({("result", "delivered"), ("node", hostname)}))]
+        assert mine > 0
+        delivered += mine
+        assert samples[("relay_queue_messages", frozenset({("state", "deferred")}))] == 0
+        assert samples[("relay_nodes_up", frozenset())] == len(HOSTS)
+    assert delivered == total
 
 
 def test_nodes_killed_mid_drain_five_times_lose_nothing_and_are_taken_over_within_the_lease(
