@@ -296,3 +296,35 @@ def test_nodes_started_together_on_an_older_database_migrate_it_once(
     assert current.stdout.splitlines()[0].endswith("(head)"), current
     assert len(cluster.nodes()) == len(HOSTS)
     assert sum(r.count("migration failed") for r in cluster.relays) == 0
+
+
+def test_two_instances_on_one_host_share_the_smtp_port_and_stop_on_sigterm(
+    deployment: Deployment, postgres_db_url: str, tmp_path: Path,
+) -> None:
+    """The mx-relay@.service template: two nodes of one host, one config but
+    for metrics, `smtp.reuse_port` on one address and port; the kernel spreads
+    the connections over both. Without it a second relay on the port fails."""
+    port = free_port(RELAY)
+    relays = []
+    for n in (1, 2):
+        settings: dict[str, Any] = json.loads(json.dumps(deployment.settings))
+        settings["smtp"] = {"listen": [f"{RELAY}:{port}"], "reuse_port": True}
+        settings["queue"] = {"url": postgres_db_url}
+        config = tmp_path / f"relay@{n}.toml"
+        config.write_text(to_toml(settings))
+        relays.append(deployment.relay_class(config).start(timeout=60))
+    for n in range(40):  # one connection each: new source ports, spread by the kernel
+        with smtplib.SMTP(RELAY, port, timeout=30) as client:
+            assert client.sendmail("s@sender.example", ["alice@verrotech.com"], message(n)) == {}
+    accepted = [r.count(r": queued client=") for r in relays]
+    assert sum(accepted) == 40 and min(accepted) > 0, accepted
+    assert len(relays[0].queue_list()) == 40
+
+    settings["smtp"] = {"listen": [f"{RELAY}:{port}"]}  # reuse_port off: refused
+    lone = tmp_path / "lone.toml"
+    lone.write_text(to_toml(settings))
+    refused = deployment.relay_class(lone).start(wait=False)
+    assert refused.proc is not None and refused.proc.wait(timeout=60) != 0
+    assert "cannot listen for SMTP on" in refused.log and "address already in use" in refused.log
+
+    assert [r.terminate() for r in relays] == [0, 0]
