@@ -225,7 +225,7 @@ def test_nodes_killed_mid_drain_five_times_lose_nothing_and_are_taken_over_withi
     cluster = make_cluster(concurrency=4)
     total = accept_across_nodes(cluster)
     primary = deployment.sink(PRIMARY)
-    primary.data_delay = 0.5  # 12 deliveries in flight, at most 24 msg/s: 5 rounds fit
+    primary.data_delay = 1.0  # 12 deliveries in flight, at most 12 msg/s: 5 rounds fit
     held: list[int] = []
     took: list[float] = []
     for _ in range(ROUNDS):
