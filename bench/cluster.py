@@ -1,6 +1,6 @@
 """One node vs two on one PostgreSQL queue: accept, drain, CPU per message, lock waits.
 
-    python3 bench/cluster.py [--messages 3000] [--json PATH]
+    python3 bench/cluster.py [--messages 3000] [--same-port] [--json PATH]
 
 For 1 and then 2 nodes: a fresh database on a private PostgreSQL server
 (bench/pgserver.py, fsync on), `relay db upgrade`, that many `relay serve`
@@ -18,6 +18,10 @@ next hop (127.0.0.43, down while accepting). Then:
   included; the sampler's own backend excluded);
 - write transactions and WAL bytes per message (next-xid and WAL-position
   deltas, read on our own connection);
+- with --same-port: the nodes are accept processes of one host, as the
+  `mx-relay@.service` template runs them: one address and port, bound with
+  `smtp.reuse_port` (SO_REUSEPORT), one smtp-source of 10 sessions whose
+  connections the kernel spreads over them;
 - lock waits during accept: `pg_stat_activity` (backends waiting, by
   wait_event_type:wait_event) and `pg_locks` (ungranted locks), sampled every
   0.1 s by one connection of our own.
@@ -92,14 +96,18 @@ def postgres_cpu(postmaster: int, exclude: int) -> float:
 class Node:
     """One `relay serve` on the shared queue."""
 
-    def __init__(self, work: Path, index: int, url: str, sink_port: int) -> None:
-        self.host = NODE_HOSTS[index]
-        self.port = 25 if os.geteuid() == 0 else free_port(self.host)
+    def __init__(self, work: Path, index: int, url: str, sink_port: int,
+                 shared: tuple[str, int] | None = None) -> None:
+        self.host, self.port = shared or (
+            NODE_HOSTS[index], 25 if os.geteuid() == 0 else free_port(NODE_HOSTS[index]))
         self.config = work / f"node{index}.toml"
         self.log = work / f"node{index}.log"
-        self.config.write_text(relay_config(f"{self.host}:{self.port}", url,
-                                            f"[{SINK_HOST}]:{sink_port}").replace(
-            'hostname = "bench-relay.example"', f'hostname = "node{index}.bench.example"'))
+        text = relay_config(f"{self.host}:{self.port}", url, f"[{SINK_HOST}]:{sink_port}")
+        text = text.replace('hostname = "bench-relay.example"',
+                            f'hostname = "node{index}.bench.example"')
+        if shared:
+            text = text.replace("[smtp]\n", "[smtp]\nreuse_port = true\n")
+        self.config.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -107,10 +115,18 @@ class Node:
             self.proc = subprocess.Popen(relay_cmd(self.config, "serve"), stdout=handle,
                                          stderr=handle, start_new_session=True)
         proc = self.proc
-        wait_for(f"relay serve on {self.host}", lambda: listening(self.host, self.port)
-                 or proc.poll() is not None, 120)
+        wait_for(f"relay serve on {self.host}", lambda: self.bound() or proc.poll() is not None,
+                 120)
         if proc.poll() is not None:
             raise SystemExit(f"relay serve exited:\n{self.log.read_text()[-2000:]}")
+
+    def bound(self) -> bool:
+        """This process listens on the port (another one may already: --same-port)."""
+        if self.proc is None:
+            return False
+        found = subprocess.run(["ss", "-Hltnp", f"sport = :{self.port}"], capture_output=True,
+                               text=True, check=False).stdout
+        return f"pid={self.proc.pid}," in found
 
     def cpu(self) -> float:
         return 0.0 if self.proc is None else cpu_of(self.proc.pid)
@@ -207,9 +223,12 @@ class Result:
 
 
 def smtp_source(nodes: list[Node], messages: int) -> float:
-    """`messages` over SESSIONS sessions split evenly over `nodes`, all at once: seconds."""
+    """`messages` over SESSIONS sessions split evenly over `nodes`, all at once: seconds.
+    Nodes sharing one port get one generator."""
     procs = []
     started = time.perf_counter()
+    if len({(n.host, n.port) for n in nodes}) == 1:
+        nodes = nodes[:1]
     for i, node in enumerate(nodes):
         share = messages // len(nodes) + (i < messages % len(nodes))
         procs.append(subprocess.Popen(
@@ -224,13 +243,14 @@ def smtp_source(nodes: list[Node], messages: int) -> float:
     return time.perf_counter() - started
 
 
-def run(pg: PgServer, work: Path, count: int, messages: int) -> Result:
+def run(pg: PgServer, work: Path, count: int, messages: int, same_port: bool) -> Result:
     from relay.queue import db  # the venv's packages: imported once main() re-exec'd
     from relay.queue.access import Queue
 
     url = pg.create_database()
     sink_port = free_port(SINK_HOST)
-    nodes = [Node(work, i, url, sink_port) for i in range(count)]
+    shared = (NODE_HOSTS[0], free_port(NODE_HOSTS[0])) if same_port else None
+    nodes = [Node(work, i, url, sink_port, shared) for i in range(count)]
     subprocess.run(relay_cmd(nodes[0].config, "db", "upgrade"), check=True,
                    capture_output=True, timeout=300)
     queue = Queue(db.connect(url))
@@ -344,6 +364,8 @@ def main() -> None:
     reexec_in_venv()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=3000, help="accepted per figure (3000)")
+    parser.add_argument("--same-port", action="store_true",
+                        help="the nodes share one address and port (SO_REUSEPORT)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.messages < SESSIONS:
@@ -359,7 +381,7 @@ def main() -> None:
         pg.start()
         log(f"PostgreSQL {pg.version} on 127.0.0.1:{pg.port}")
         for count in (1, 2):
-            results.append(run(pg, work, count, args.messages))
+            results.append(run(pg, work, count, args.messages, args.same_port))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     finally:
@@ -367,7 +389,8 @@ def main() -> None:
         if os.environ.get("BENCH_KEEP") is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n1 vs 2 nodes on one PostgreSQL {pg.version} queue (fsync on): {args.messages:,} "
-          f"messages of {SIZE // 1000} KB over {SESSIONS} sessions (split over the nodes), "
+          f"messages of {SIZE // 1000} KB over {SESSIONS} sessions ("
+          f"{'one port, SO_REUSEPORT' if args.same_port else 'split over the nodes'}), "
           f"drain of {results[0].drained:,}; {os.cpu_count()} cores; load average "
           f"{load:.2f} at start, {os.getloadavg()[0]:.2f} at end\n")
     print(table(results))

@@ -291,6 +291,11 @@ class Sink:
             raise SystemExit(f"smtp-sink did not start: {self.proc.stderr.read()!r}"
                              if self.proc.stderr else "smtp-sink did not start")
 
+    def cpu(self) -> float:
+        """Seconds of CPU smtp-sink used so far (utime + stime)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         stop_process(self.proc, timeout=10)
         OUR_SESSIONS.discard(self.proc.pid)
@@ -731,12 +736,15 @@ def measure_drain(server: Server, p: Params) -> tuple[float, float]:
     log(f"{server.name}: queueing {p.drain:,} messages, primary down")
     measure_accept(server, p.drain, SESSIONS)
     quiesce()
-    with sink(server.sink_port):
+    with sink(server.sink_port) as next_hop:
         start = Meter.now()
+        sink0 = next_hop.cpu()
         subprocess.run(server.flush_command(), check=True, capture_output=True, timeout=120)
         wait_for(f"{server.name}: queue empty after flush", partial(is_empty, server),
                  60 + p.drain / 10)
         end = Meter.now()
+        busy = (next_hop.cpu() - sink0) / (end.wall - start.wall)
+    log(f"{server.name}: smtp-sink busy {busy:.0%} of a core during the drain")
     return p.drain / (end.wall - start.wall), end.other_since(start)
 
 

@@ -299,7 +299,9 @@ async def serve(
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
     store = Store(Queue(engine))
-    metrics = Metrics(store.queue, clock, nodes=store.queue)
+    shared = engine.dialect.name == "postgresql"  # other nodes may scrape alongside this one
+    metrics = Metrics(store.queue, clock, nodes=store.queue,
+                      node=config.node.hostname if shared else None)
     known = KnownRecipients()
     dns = _Dns()
     resolver = _resolver(config, dns)

@@ -96,6 +96,10 @@ class SmtpConfig(_Section):
     listen: tuple[ListenAddress, ...] = (HostPort("0.0.0.0", 25),)
     """Addresses to accept SMTP on, as `"ip:port"` (`"[::]:25"` for IPv6); a single string is one
     address. `$RELAY_LISTEN` (comma-separated) overrides it."""
+    reuse_port: bool = False
+    """Bind the listeners with `SO_REUSEPORT`, so several `relay serve` on one host (the
+    `mx-relay@.service` template, one PostgreSQL queue) share a port and the kernel spreads
+    connections over them; off, a second relay on a port in use fails to start."""
     max_message_size: Size = 35_000_000
     """Largest message accepted; advertised as EHLO `SIZE`; larger gets `552 5.3.4`."""
     max_recipients: int = Field(100, ge=1)

@@ -339,20 +339,36 @@ class Scheduler:
         task.add_done_callback(done)
 
     async def _worker(self, destination: str) -> None:
-        """Deliver `destination`'s waiting messages one after another (session reuse)."""
+        """Deliver `destination`'s waiting messages one after another (session reuse).
+
+        A delivered message's record commits while the next message is sent
+        (at most one record in flight per worker, awaited before the worker
+        goes on or ends): that commit is no condition of another message's
+        delivery, and waiting for it halved a drain's speed on PostgreSQL."""
         ready = self._ready.get(destination)
-        while ready and not self._stopping:
-            if self._workers[destination] > self._window(destination).sessions:
-                return  # the window shrank: fewer sessions from now on
-            message = ready.popleft()
-            if len(ready) == self._limits.low_water - 1:
-                self.wake()  # running low: claim more while these are delivered
-            outcome = await self._deliver(message)
-            if outcome is AttemptOutcome.PUSHED_BACK:
-                return
-            if self._observe(destination, outcome).action is Action.PARK:
-                await self._park_rest(destination)
-                return
+        recording: asyncio.Task[AttemptOutcome] | None = None
+        try:
+            while ready and not self._stopping:
+                if self._workers[destination] > self._window(destination).sessions:
+                    return  # the window shrank: fewer sessions from now on
+                message = ready.popleft()
+                if len(ready) == self._limits.low_water - 1:
+                    self.wake()  # running low: claim more while these are delivered
+                result = await self._deliver(message)
+                if recording is not None:  # the previous message's, in order
+                    self._observe(destination, await recording)
+                    recording = None
+                if isinstance(result, asyncio.Task):
+                    recording = result
+                    continue
+                if result is AttemptOutcome.PUSHED_BACK:
+                    return
+                if self._observe(destination, result).action is Action.PARK:
+                    await self._park_rest(destination)
+                    return
+        finally:
+            if recording is not None:
+                self._observe(destination, await recording)
 
     def _observe(self, destination: str, outcome: AttemptOutcome) -> Transition:
         """Move our view of `destination` along its state machine."""
@@ -411,8 +427,10 @@ class Scheduler:
         if waiting:
             self.wake()
 
-    async def _deliver(self, message: Claimed) -> AttemptOutcome:
-        """Attempt one message; what the attempt told about its destination."""
+    async def _deliver(self, message: Claimed) -> AttemptOutcome | asyncio.Task[AttemptOutcome]:
+        """Attempt one message; what the attempt told about its destination, or,
+        when a next hop took every recipient of a message that was no probe,
+        the task recording that (the outcome once stored)."""
         started = time.monotonic()
         now = self._clock.now()
         window = self._window(message.destination)
@@ -447,6 +465,14 @@ class Scheduler:
                 lambda: self._store.call(self._queue.unclaim, [message.id], self._owner, retry),
                 f"{message.id}: claim given back", self._halt, self._limits.lease)
             return AttemptOutcome.RETURNED
+        record = self._record(message, decision, window, started, now)
+        if decision.outcome is AttemptOutcome.DELIVERED and not message.probe:
+            return asyncio.create_task(record, name=f"record-{message.id}")
+        return await record
+
+    async def _record(self, message: Claimed, decision: Decision, window: Window,
+                      started: float, now: datetime) -> AttemptOutcome:
+        """Store what the attempt did, then log and count it."""
         # The attempt happened: its record is kept trying while the database is
         # away, not dropped (the message would stay `active` for the whole lease).
         recorded = await until_stored(lambda: self._store.record(decision.attempt),

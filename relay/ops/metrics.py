@@ -7,7 +7,12 @@ the `Metrics` facade the rest of the code calls (`accepted()`,
 Queue gauges are not kept in memory: a collector reads them from the database
 at scrape time (`Queue.counts()`, `Queue.oldest_received_at()`, both cheap
 whatever the queue length), so every process sharing one queue reports the
-same depth.
+same depth. Series that are this process's own figures (`PER_PROCESS`:
+sessions, acceptances, refusals, checks, attempts, durations, destination
+states as this process saw them) carry a `node` label (its `node.hostname`)
+when the `Metrics` is given one, as `relay serve` does on a PostgreSQL queue
+that several nodes may share; queue gauges and `relay_nodes_up` are the
+cluster's and never carry it. On SQLite (one node) the series stay unlabelled.
 
 Refuses the global registry (tests build several `Metrics`), HTTP (that is
 `http.py`) and any write to the database.
@@ -19,7 +24,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,6 +41,8 @@ from relay.core.destination import State
 from relay.core.model import ATTEMPT_RESULTS, MessageState, Outcome
 
 log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 # No `*_created` series: one more series per counter and histogram that no
 # dashboard or alert reads. A switch of prometheus_client's, read when a metric
@@ -76,6 +83,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     NODES_UP: ("gauge", ()),
     DSN_SUPPRESSED: ("counter", ("reason",)),
 }
+
+# Figures of one process (labelled `node` on a shared queue); the others are
+# read from the database and are the same on every node.
+PER_PROCESS = frozenset({SMTP_ACCEPTED, SMTP_REJECTIONS, SMTP_SESSIONS, DELIVERY_ATTEMPTS,
+                         DELIVERY_DURATION, DESTINATION_UP, RECIPIENT_CHECKS, CALLOUTS,
+                         DSN_SUPPRESSED})
+NODE_LABEL = "node"
 
 # An SMTP delivery takes from tens of milliseconds to the connect timeout
 # plus a 35 MB transfer.
@@ -188,8 +202,9 @@ class DestinationCollector(Collector):
     once per max_backoff, which keeps it fresh), and at most `limit` are kept.
     """
 
-    def __init__(self, clock: Clock, ttl: float, limit: int) -> None:
+    def __init__(self, clock: Clock, ttl: float, limit: int, node: str | None = None) -> None:
         self._clock = clock
+        self._node = node
         self._ttl = ttl
         self._limit = limit
         self._lock = threading.Lock()
@@ -222,13 +237,14 @@ class DestinationCollector(Collector):
         return GaugeMetricFamily(
             DESTINATION_UP,
             "1 when the destination's last delivery attempt reached a next hop, 0 when down.",
-            labels=["destination"],
+            labels=["destination", *([NODE_LABEL] if self._node else [])],
         )
 
     def collect(self) -> Iterator[Metric]:
         family = self._family()
+        node = [self._node] if self._node else []
         for name, up in sorted(self.snapshot().items()):
-            family.add_metric([name], 1.0 if up else 0.0)
+            family.add_metric([name, *node], 1.0 if up else 0.0)
         yield family
 
 
@@ -236,7 +252,8 @@ class Metrics:
     """The relay's metrics; the only object other modules call.
 
     `queue` is optional: without it (unit tests, tools) the queue gauges are
-    simply absent. Every method is cheap and thread-safe.
+    simply absent. `node` (this node's hostname) labels the `PER_PROCESS`
+    series. Every method is cheap and thread-safe.
     """
 
     def __init__(
@@ -247,66 +264,80 @@ class Metrics:
         destination_ttl: float = 24 * 3600,
         destination_limit: int = 10_000,
         nodes: NodeCounts | None = None,
+        node: str | None = None,
     ) -> None:
         self.clock = clock or SystemClock()
+        self.node = node or None
+        by_node = [NODE_LABEL] if self.node else []
         self.registry = CollectorRegistry()
         if queue is not None:
             self.registry.register(QueueCollector(queue, self.clock))
         if nodes is not None:
             self.registry.register(NodesCollector(nodes, self.clock))
-        self._accepted = Counter(
+        accepted = Counter(
             _base(SMTP_ACCEPTED),
             "Messages answered 250 at end of DATA (stored durably).",
+            by_node,
             registry=self.registry,
         )
+        self._accepted = self._own(accepted)
         self._rejections = Counter(
             _base(SMTP_REJECTIONS),
             "SMTP commands or connections refused, by reason.",
-            ["reason"],
+            ["reason", *by_node],
             registry=self.registry,
         )
-        self._sessions = Gauge(
-            SMTP_SESSIONS, "SMTP sessions currently open.", registry=self.registry
+        sessions = Gauge(
+            SMTP_SESSIONS, "SMTP sessions currently open.", by_node, registry=self.registry
         )
+        self._sessions = self._own(sessions)
         self._attempts = Counter(
             _base(DELIVERY_ATTEMPTS),
             "Delivery results per recipient attempt: delivered, deferred, uncertain or bounced.",
-            ["result"],
+            ["result", *by_node],
             registry=self.registry,
         )
-        for outcome in ATTEMPT_RESULTS:  # export 0 before the first attempt: rate() works at once
-            self._attempts.labels(outcome.value)
-        self._duration = Histogram(
+        # export 0 before the first attempt: rate() works at once
+        self._results = {o.value: self._own(self._attempts, o.value) for o in ATTEMPT_RESULTS}
+        duration = Histogram(
             DELIVERY_DURATION,
             "Duration of one delivery attempt (one message to one next hop), in seconds.",
+            by_node,
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._duration = self._own(duration)
         self._recipient_checks = Counter(
             _base(RECIPIENT_CHECKS),
             "RCPT TO checks of hosted recipients: valid, invalid or unknown (learned), or static.",
-            ["result"],
+            ["result", *by_node],
             registry=self.registry,
         )
-        self._checks = {r: self._recipient_checks.labels(r) for r in RECIPIENT_CHECK_RESULTS}
+        self._checks = {r: self._own(self._recipient_checks, r) for r in RECIPIENT_CHECK_RESULTS}
         callouts = Counter(
             _base(CALLOUTS),
             "Callout probes to a next hop at RCPT time, by what they taught: valid, invalid "
             "or unknown.",
-            ["result"],
+            ["result", *by_node],
             registry=self.registry,
         )
-        self._callouts = {r: callouts.labels(r) for r in CALLOUT_RESULTS}
+        self._callouts = {r: self._own(callouts, r) for r in CALLOUT_RESULTS}
         self._suppressed = Counter(
             _base(DSN_SUPPRESSED),
             "DSNs not queued because of bounces.send_to, by reason (spf-<result>).",
-            ["reason"],
+            ["reason", *by_node],
             registry=self.registry,
         )
         for result in SUPPRESSING_RESULTS:  # exported from 0: rate() works at once
-            self._suppressed.labels(f"spf-{result}")
-        self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit)
+            self._own(self._suppressed, f"spf-{result}")
+        self._destinations = DestinationCollector(self.clock, destination_ttl, destination_limit,
+                                                  self.node)
         self.registry.register(self._destinations)
+
+    def _own(self, metric: _M, *labels: str) -> _M:
+        """The series of `metric` with `labels`, and this node's label when it has one."""
+        values = [*labels, *([self.node] if self.node else [])]
+        return metric.labels(*values) if values else metric
 
     # -- SMTP accept side ------------------------------------------------------
 
@@ -317,7 +348,7 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         """A refusal; `reason` is a short fixed token (`relay_denied`, `rate_limit`...),
         never client text: every distinct value is a time series."""
-        self._rejections.labels(reason).inc()
+        self._own(self._rejections, reason).inc()
 
     def recipient_checked(self, result: str) -> None:
         """One RCPT TO checked against known recipients or a static list."""
@@ -341,7 +372,7 @@ class Metrics:
         value = Outcome(result)
         if value not in ATTEMPT_RESULTS:  # bounded labels: an expiry is counted as bounced
             raise ValueError(f"not a delivery result: {value}")
-        self._attempts.labels(value.value).inc()
+        self._results[value.value].inc()
         if seconds is not None:
             self.observe_delivery(seconds)
 
@@ -351,7 +382,7 @@ class Metrics:
 
     def dsn_suppressed(self, spf_result: str) -> None:
         """A DSN withheld by `bounces.send_to = "spf-pass"`; seven results at most."""
-        self._suppressed.labels(f"spf-{spf_result}").inc()
+        self._own(self._suppressed, f"spf-{spf_result}").inc()
 
     def destination(self, name: str, state: State) -> None:
         """The destination's state after an attempt that tested its hosts."""

@@ -155,7 +155,8 @@ async def start_listeners(
             try:
                 servers.append(await loop.create_server(
                     lambda: RelaySMTP(shared), address.host, address.port,
-                    reuse_address=True, backlog=backlog,
+                    reuse_address=True, reuse_port=config.smtp.reuse_port or None,
+                    backlog=backlog,
                 ))
             except OSError as exc:
                 raise ListenError("SMTP", str(address), exc) from exc

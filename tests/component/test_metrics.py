@@ -33,7 +33,7 @@ from relay.core.destination import AttemptOutcome, State
 from relay.core.model import MessageState, Outcome, RecipientStatus
 from relay.core.values import HostPort
 from relay.ops.http import HealthCheck, start_http
-from relay.ops.metrics import METRICS, Metrics
+from relay.ops.metrics import METRICS, PER_PROCESS, Metrics
 from relay.queue import db
 from relay.queue.access import Queue
 from relay.queue.rows import (
@@ -427,6 +427,38 @@ def test_facade_methods_feed_their_metrics() -> None:
                   "relay_delivery_duration_seconds_count") == 2
     assert sample(fams, "relay_destination_up", "relay_destination_up",
                   destination="verrotech.com") == 0
+
+
+def test_a_shared_queue_labels_per_process_series_with_the_node_not_the_queue_gauges(
+    queue: Queue,
+) -> None:
+    from prometheus_client import generate_latest
+
+    m = Metrics(queue, FakeClock(T0), nodes=queue, node="node2.verrotech.net")
+    m.accepted()
+    m.rejected("relay_denied")
+    m.session_started()
+    m.delivery("delivered", 0.2)
+    m.recipient_checked("valid")
+    m.destination("verrotech.com", State.UP)
+    queue.put_many([new("01")])
+    fams = families(generate_latest(m.registry).decode())
+    node = "node2.verrotech.net"
+    assert sample(fams, "relay_smtp_messages_accepted",
+                  "relay_smtp_messages_accepted_total", node=node) == 1
+    assert sample(fams, "relay_delivery_attempts", "relay_delivery_attempts_total",
+                  result="deferred", node=node) == 0  # exported from 0, labelled too
+    assert sample(fams, "relay_destination_up", "relay_destination_up",
+                  destination="verrotech.com", node=node) == 1
+    for name in PER_PROCESS:
+        family = fams[name.removesuffix("_total")]
+        assert family.samples, name
+        assert all(s.labels["node"] == node for s in family.samples), name
+    for name in ("relay_queue_messages", "relay_queue_oldest_message_age_seconds",
+                 "relay_queue_database_up", "relay_nodes_up"):  # the cluster's, not ours
+        assert fams[name].samples, name
+        assert all("node" not in s.labels for s in fams[name].samples), name
+    assert sample(fams, "relay_queue_messages", "relay_queue_messages", state="deferred") == 1
 
 
 def test_registries_are_independent() -> None:

@@ -26,7 +26,7 @@ from relay.delivery.scheduler import PREFETCH_MAX_SIZE, Limits, Scheduler
 from relay.ops.metrics import Metrics
 from relay.queue import db
 from relay.queue.access import Queue
-from relay.queue.rows import Claimed, NewMessage
+from relay.queue.rows import Attempt, Claimed, NewMessage, Recorded
 from relay.queue.store import Store
 
 REFUSED = Reply(451, "4.4.1 connect to mail.verrotech.com[127.0.0.2]:25: Connection refused")
@@ -405,3 +405,42 @@ async def test_a_probe_that_finds_its_destination_back_tells_the_other_nodes(
         await scheduler.run_once()
     assert store.queue.stats().total == 0
     assert back == ["verrotech.com"]
+
+
+class HeldRecords(Store):
+    """A store whose recorded attempts wait for `release` before they reach the writer."""
+
+    def __init__(self, queue: Queue) -> None:
+        super().__init__(queue)
+        self.release = asyncio.Event()
+        self.waiting = 0
+
+    async def record(self, attempt: Attempt) -> Recorded:
+        self.waiting += 1
+        await self.release.wait()
+        return await super().record(attempt)
+
+
+async def test_a_delivered_message_is_recorded_while_the_next_one_is_sent(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """One session, two messages: the second goes out while the first's record
+    is still uncommitted; the worker ends only once both are stored."""
+    engine = db.connect(f"sqlite:///{tmp_path}/queue.db")
+    db.upgrade(engine)
+    store = HeldRecords(Queue(engine))
+    try:
+        ids = queue_mail(store, clock, 2)
+        transport = ScriptedTransport(accepted)
+        scheduler = make_scheduler(store, clock, transport, per_destination=1)
+        running = asyncio.create_task(scheduler.run_once())
+        assert await asyncio.wait_for(transport.arrivals.get(), 10) == ids[0]
+        assert await asyncio.wait_for(transport.arrivals.get(), 10) == ids[1]  # not waiting
+        assert store.waiting >= 1 and store.queue.counts()["active"] == 2  # nothing recorded
+        assert not running.done()
+        store.release.set()
+        await asyncio.wait_for(running, 10)
+        assert sum(store.queue.counts().values()) == 0  # both stored before run_once ended
+    finally:
+        store.close()
+        engine.dispose()

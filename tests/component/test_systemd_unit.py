@@ -1,4 +1,5 @@
-"""config/mx-relay.service: what systemd will accept, and the settings operators rely on.
+"""config/mx-relay.service and its template mx-relay@.service: what systemd
+will accept, and the settings operators rely on.
 
 `systemd-analyze verify` checks the unit where it is installed (it prints a
 warning for an unknown key or a bad value and still exits 0, so its output
@@ -19,14 +20,15 @@ from relay.service import SHUTDOWN_GRACE
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "config" / "mx-relay.service"
+TEMPLATE = REPO / "config" / "mx-relay@.service"
 INSTALLED_RELAY = "/opt/mx-relay/bin/relay"
 
 
-def settings() -> dict[str, list[str]]:
+def settings(unit: Path = UNIT) -> dict[str, list[str]]:
     """`Section.Key` -> values in order (systemd keys may repeat)."""
     found: dict[str, list[str]] = {}
     section = ""
-    for raw in UNIT.read_text(encoding="utf-8").splitlines():
+    for raw in unit.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -78,12 +80,25 @@ def test_hardening() -> None:
     assert "@system-service" in s["Service.SystemCallFilter"]
 
 
+def test_the_template_runs_each_instance_as_the_unit_runs_relay_serve() -> None:
+    """mx-relay@N differs from mx-relay.service only in its name and its config
+    file: the same hardening, stop timeout and reload."""
+    single, template = settings(UNIT), settings(TEMPLATE)
+    assert template.pop("Service.Environment") == ["RELAY_CONFIG=/etc/relay/relay@%i.toml"]
+    assert single.pop("Service.Environment") == ["RELAY_CONFIG=/etc/relay/relay.toml"]
+    assert template.pop("Unit.Description")[0].endswith("node %i")
+    single.pop("Unit.Description")
+    assert template == single
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
-def test_systemd_analyze_verify_is_silent(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("source", "name"), [(UNIT, "mx-relay.service"),
+                                              (TEMPLATE, "mx-relay@1.service")])
+def test_systemd_analyze_verify_is_silent(tmp_path: Path, source: Path, name: str) -> None:
     relay = shutil.which("relay") or str(Path(sys.executable).parent / "relay")
     assert Path(relay).is_file()
-    unit = tmp_path / "mx-relay.service"  # the same unit, run from this checkout's relay
-    unit.write_text(UNIT.read_text(encoding="utf-8").replace(INSTALLED_RELAY, relay))
+    unit = tmp_path / name  # the same unit, run from this checkout's relay
+    unit.write_text(source.read_text(encoding="utf-8").replace(INSTALLED_RELAY, relay))
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(unit)],
         capture_output=True, text=True, timeout=30, check=False,

@@ -306,6 +306,8 @@ class _Handler:
         record.commands.append("DATA")
         await self._maybe_drop(server, "DATA")
         await self._sink._pass_gate()
+        if self._sink.data_delay:
+            await asyncio.sleep(self._sink.data_delay)  # a slow server, not a synchronisation
         reply = self._sink.data_reply or f"250 2.0.0 Ok: queued as {self._sink._next_id()}"
         sender = envelope.mail_from or ""
         message = ReceivedMessage(
@@ -342,6 +344,8 @@ class Sink:
     * ``dsn = True``: EHLO advertises DSN and RET/ENVID/NOTIFY/ORCPT are
       accepted and recorded as sent (`ReceivedMessage.dsn_mail`, `dsn_rcpt`);
       without it, as aiosmtpd does, they get 555;
+    * ``data_delay``: seconds a slow next hop takes to answer each DATA (its
+      content received first), so a drain lasts while a test acts on it;
 
     Constructor options: ``tls`` (True for a trustme certificate signed by
     `sink_ca()`, or an `ssl.SSLContext`) enables STARTTLS; ``smtputf8``
@@ -390,6 +394,7 @@ class Sink:
         self.eightbitmime = eightbitmime
         self.hide_starttls = False
         self.dsn = False
+        self.data_delay = 0.0
 
         self._cond = threading.Condition()
         self._sessions: list[SessionRecord] = []

@@ -50,6 +50,9 @@ def test_metrics_reference_names_every_metric_and_reason() -> None:
         assert kind in text
         for label in labels:
             assert f"`{label}`" in text
+    assert f"`{metrics.NODE_LABEL}`" in text
+    for name in metrics.PER_PROCESS:  # each named where the `node` label is described
+        assert f"`{name}`" in text.split("### The `node` label", 1)[1], name
     reasons = {*replies.DATA_PROBLEMS.values(), *replies.POLICY_REASONS.values()}
     source = "\n".join(p.read_text() for p in (REPO / "relay" / "smtp").glob("*.py"))
     reasons |= set(re.findall(r'(?:_refuse|reject)\("([a-z_]+)"', source))
