@@ -9,7 +9,6 @@ import asyncio
 import email
 import email.policy
 import json
-import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from email.message import Message
@@ -24,7 +23,7 @@ from relay import service
 from relay.core import config as configuration
 from relay.ops.cli.main import command_tree, main_group
 from tests.support.deployment import merge, to_toml
-from tests.support.log_lines import LogLines, capturing
+from tests.support.log_lines import LogLines
 from tests.support.relay_process import free_port
 from tests.support.smtp_sink import ReceivedMessage, Sink
 
@@ -42,12 +41,6 @@ def sink() -> Iterator[Sink]:
     primary = Sink().start()
     yield primary
     primary.stop()
-
-
-@pytest.fixture
-async def mail_log() -> AsyncIterator[LogLines]:
-    async with capturing(LogLines(deadline=DEADLINE), "relay.mail", logging.INFO) as handler:
-        yield handler
 
 
 @pytest.fixture
