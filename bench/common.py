@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +153,30 @@ def flush_and_drain(config: Path, sink: DiscardSink, messages: int, limit: float
             raise SystemExit(f"drain stalled at {sink.count} of {messages}")
         time.sleep(0.05)  # a benchmark harness polling a counter
     return time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What reached the primary of what the relay acknowledged."""
+
+    drained: float  # seconds waited for the acknowledged ones
+    got: collections.Counter[str]  # Message-IDs delivered, each with its count
+    lost: list[str]  # acknowledged, never delivered
+    duplicates: int  # deliveries beyond the first of a Message-ID
+
+
+def tally_delivered(acknowledged: set[str], delivered: Callable[[], Iterable[str]],
+                    limit: float) -> Tally:
+    """Wait (at most `limit` s) until every acknowledged ID was delivered, then count.
+
+    The one check of a loss benchmark: lost = acknowledged but never delivered.
+    """
+    began = time.monotonic()
+    while not acknowledged <= set(delivered()):
+        if time.monotonic() - began > limit:
+            break
+        time.sleep(0.5)  # a benchmark harness polling a counter
+    drained = time.monotonic() - began
+    got = collections.Counter(delivered())
+    return Tally(drained=drained, got=got, lost=sorted(acknowledged - set(got)),
+                 duplicates=sum(count - 1 for count in got.values() if count > 1))

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import tally_delivered  # noqa: E402
 from soak import ids  # noqa: E402
 
 from tests.support.deployment import (  # noqa: E402
@@ -133,16 +134,9 @@ def main() -> None:
         time.sleep(args.interval)  # load after the last restart
         senders.stop()
         acknowledged = set(senders.acknowledged)
-        began = time.monotonic()
-        while not acknowledged <= set(ids(primary)):
-            if time.monotonic() - began > args.drain:
-                break
-            time.sleep(0.5)  # a benchmark harness polling a counter
-        drained = time.monotonic() - began
+        tally = tally_delivered(acknowledged, lambda: ids(primary), args.drain)
+        drained, got, lost, duplicates = tally.drained, tally.got, tally.lost, tally.duplicates
         load_end = os.getloadavg()
-        got = collections.Counter(ids(primary))
-        lost = sorted(acknowledged - set(got))
-        duplicates = sum(count - 1 for count in got.values() if count > 1)
         unacknowledged_delivered = len(set(got) - acknowledged)
         flight = sum(i + o for i, o, _ in in_flight)
         queue_left = len(relay.queue_list())

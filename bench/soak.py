@@ -32,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import tally_delivered  # noqa: E402
 
 from tests.support.deployment import (  # noqa: E402
     NORWICH,
@@ -134,16 +137,9 @@ def main() -> None:
         sender.join()
         primary.start()
         acknowledged = set(sender.acknowledged)
-        drain_began = time.monotonic()
-        while not acknowledged <= set(ids(primary)):
-            if time.monotonic() - drain_began > args.drain:
-                break
-            time.sleep(0.5)  # a benchmark harness polling a counter
-        drained = time.monotonic() - drain_began
+        tally = tally_delivered(acknowledged, lambda: ids(primary), args.drain)
+        drained, lost, duplicates = tally.drained, tally.lost, tally.duplicates
         load_end = os.getloadavg()
-        got = collections.Counter(ids(primary))
-        lost = sorted(acknowledged - set(got))
-        duplicates = sum(count - 1 for count in got.values() if count > 1)
         uncertain = relay.count(r": uncertain\b")
         queue_left = len(relay.queue_list())
         print(f"soak: {args.minutes:g} min, primary flapped {flaps} times every {args.flap:g} s, "

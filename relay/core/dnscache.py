@@ -42,27 +42,24 @@ def new_cache(size: int = CACHE_SIZE) -> dns.resolver.LRUCache:
 def sync_resolver(nameservers: Sequence[tuple[str, int]], timeout: float,
                   cache: dns.resolver.LRUCache | None) -> dns.resolver.Resolver:
     """A blocking resolver, for worker threads; raises `DnsSetupError`."""
-    try:
-        resolver = dns.resolver.Resolver(configure=not nameservers)
-    except (dns.exception.DNSException, OSError) as exc:
-        raise DnsSetupError(_one_line(exc)) from None
-    return _configure(resolver, nameservers, timeout, cache)
+    return _build(dns.resolver.Resolver, nameservers, timeout, cache)
 
 
 def async_resolver(nameservers: Sequence[tuple[str, int]], timeout: float,
                    cache: dns.resolver.LRUCache | None) -> dns.asyncresolver.Resolver:
     """An asyncio resolver, for the event loop; raises `DnsSetupError`."""
-    try:
-        resolver = dns.asyncresolver.Resolver(configure=not nameservers)
-    except (dns.exception.DNSException, OSError) as exc:
-        raise DnsSetupError(_one_line(exc)) from None
-    return _configure(resolver, nameservers, timeout, cache)
+    return _build(dns.asyncresolver.Resolver, nameservers, timeout, cache)
 
 
-def _configure(
-    resolver: _R, nameservers: Sequence[tuple[str, int]], timeout: float,
+def _build(
+    kind: type[_R], nameservers: Sequence[tuple[str, int]], timeout: float,
     cache: dns.resolver.LRUCache | None,
 ) -> _R:
+    """Either kind the same way: /etc/resolv.conf is read only when no servers are given."""
+    try:
+        resolver = kind(configure=not nameservers)
+    except (dns.exception.DNSException, OSError) as exc:
+        raise DnsSetupError(_one_line(exc)) from None
     if nameservers:
         resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port)
                                 for ip, port in nameservers]

@@ -69,12 +69,6 @@ async def callout_log() -> AsyncIterator[LogLines]:
 
 
 @pytest.fixture
-async def mail_log() -> AsyncIterator[LogLines]:
-    async with capturing(LogLines(deadline=DEADLINE), "relay.mail", logging.INFO) as handler:
-        yield handler
-
-
-@pytest.fixture
 async def relays(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
     """Start `relay serve` here with a callout domain; all stopped at teardown."""
     started: list[Relay] = []

@@ -9,7 +9,6 @@ import asyncio
 import email
 import email.policy
 import json
-import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from email.message import Message
@@ -24,8 +23,9 @@ from relay import service
 from relay.core import config as configuration
 from relay.ops.cli.main import command_tree, main_group
 from tests.support.deployment import merge, to_toml
-from tests.support.log_lines import LogLines, capturing
+from tests.support.log_lines import LogLines
 from tests.support.relay_process import free_port
+from tests.support.smtp_lines import LineClient, Reply
 from tests.support.smtp_sink import ReceivedMessage, Sink
 
 command_tree()
@@ -42,12 +42,6 @@ def sink() -> Iterator[Sink]:
     primary = Sink().start()
     yield primary
     primary.stop()
-
-
-@pytest.fixture
-async def mail_log() -> AsyncIterator[LogLines]:
-    async with capturing(LogLines(deadline=DEADLINE), "relay.mail", logging.INFO) as handler:
-        yield handler
 
 
 @pytest.fixture
@@ -82,32 +76,17 @@ async def relay(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[..., Any]]
         await asyncio.wait_for(task, 60)
 
 
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class Client(LineClient[str]):
+    """Replies as their lines, joined."""
+
+    deadline = DEADLINE
 
     @classmethod
     async def open(cls, port: int) -> Client:
-        client = cls(*await asyncio.open_connection("127.0.0.1", port))
-        assert (await client.reply()).startswith("220")
-        return client
+        return await cls.greeted(port)
 
-    async def reply(self) -> str:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), DEADLINE)).decode()
-            lines.append(line.rstrip("\r\n"))
-            if line[3:4] != "-":
-                return "\n".join(lines)
-
-    async def cmd(self, line: str) -> str:
-        self.writer.write(line.encode() + b"\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+    def shaped(self, reply: Reply) -> str:
+        return "\n".join(reply.raw)
 
 
 async def send(port: int, mail: str, *rcpts: str) -> str:

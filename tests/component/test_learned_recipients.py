@@ -29,6 +29,7 @@ from tests.component.test_reload import hangup
 from tests.support.deployment import merge, to_toml
 from tests.support.log_lines import LogLines, capturing
 from tests.support.relay_process import free_port
+from tests.support.smtp_lines import LineClient, Reply
 from tests.support.smtp_sink import Sink
 
 DOMAIN = "company.example"
@@ -111,32 +112,24 @@ async def stop(relay: Relay) -> None:
 # -- an SMTP client ---------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+class Client(LineClient[str]):
+    """Replies as their last line; a session opened up to MAIL FROM:<>."""
+
+    deadline = DEADLINE
 
     @classmethod
     async def open(cls, port: int) -> Client:
-        client = cls(*await asyncio.open_connection("127.0.0.1", port))
-        assert (await client.reply()).startswith("220")
+        client = await cls.greeted(port)
         assert (await client.cmd("EHLO client.example")).startswith("250")
         assert (await client.cmd("MAIL FROM:<>")).startswith("250")
         return client
 
-    async def reply(self) -> str:
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), DEADLINE)).decode().rstrip()
-            if line[3:4] != "-":
-                return line
-
-    async def cmd(self, line: str) -> str:
-        self.writer.write(line.encode() + b"\r\n")
-        return await self.reply()
+    def shaped(self, reply: Reply) -> str:
+        return reply.raw[-1]
 
     async def close(self) -> None:
         await self.cmd("QUIT")
-        self.writer.close()
-        await self.writer.wait_closed()
+        await super().close()
 
 
 async def rcpt(port: int, *addresses: str) -> list[str]:

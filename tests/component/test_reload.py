@@ -24,6 +24,7 @@ from relay.core import config as configuration
 from tests.support.deployment import merge, to_toml
 from tests.support.log_lines import LogLines, capturing
 from tests.support.relay_process import free_port
+from tests.support.smtp_lines import LineClient, Reply
 from tests.support.smtp_sink import Sink, closed_port, sink_ca
 
 HOST = "mx.example"
@@ -43,37 +44,17 @@ class ReloadLog(LogLines):
         await self.wait(lambda: self.done >= count)
 
 
-class Client:
-    """One SMTP session, a command at a time."""
+class Client(LineClient[tuple[int, list[str]]]):
+    """One SMTP session, a command at a time; replies as code and texts."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    deadline = DEADLINE
 
-    @classmethod
-    async def connect(cls, port: int) -> Client:
-        client = cls(*await asyncio.open_connection("127.0.0.1", port))
-        assert (await client.reply())[0] == 220
-        return client
-
-    async def reply(self) -> tuple[int, list[str]]:
-        lines = []
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), DEADLINE)).decode().rstrip()
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                return int(line[:3]), lines
-
-    async def cmd(self, line: str) -> tuple[int, list[str]]:
-        self.writer.write(line.encode() + b"\r\n")
-        return await self.reply()
+    def shaped(self, reply: Reply) -> tuple[int, list[str]]:
+        return reply.code, reply.lines
 
     async def starttls(self, context: ssl.SSLContext) -> None:
         assert (await self.cmd("STARTTLS"))[0] == 220
         await self.writer.start_tls(context, server_hostname=HOST)
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
 
 
 class Served:
@@ -139,7 +120,7 @@ async def test_a_session_open_across_a_reload_keeps_working_and_new_ones_take_th
     tmp_path: Path, serving: Callable[[Served], Any], reloads: ReloadLog,
 ) -> None:
     relay = await serving(Served(tmp_path, smtp={"max_message_size": "10MB"}))
-    before = await Client.connect(relay.port)
+    before = await Client.greeted(relay.port)
     assert "SIZE 10000000" in (await before.cmd("EHLO client.example"))[1]
     assert (await before.cmd("MAIL FROM:<a@sender.example>"))[0] == 250
     assert (await before.cmd("RCPT TO:<alice@old.example>"))[0] == 250
@@ -159,7 +140,7 @@ async def test_a_session_open_across_a_reload_keeps_working_and_new_ones_take_th
     assert "SIZE 10000000" in (await before.cmd("EHLO client.example"))[1]
     await before.close()
 
-    after = await Client.connect(relay.port)
+    after = await Client.greeted(relay.port)
     assert "SIZE 5000000" in (await after.cmd("EHLO client.example"))[1]
     assert (await after.cmd("MAIL FROM:<a@sender.example>"))[0] == 250
     assert (await after.cmd("RCPT TO:<bob@new.example>"))[0] == 250
@@ -181,7 +162,7 @@ async def test_a_config_that_does_not_validate_is_refused_and_the_old_one_stays(
     assert f"reload of {relay.path} refused (1 problem): the config in force stays" \
         in reloads.lines
 
-    client = await Client.connect(relay.port)  # still running, on the old domains
+    client = await Client.greeted(relay.port)  # still running, on the old domains
     await client.cmd("EHLO client.example")
     assert (await client.cmd("MAIL FROM:<a@sender.example>"))[0] == 250
     assert (await client.cmd("RCPT TO:<alice@old.example>"))[0] == 250
@@ -207,7 +188,7 @@ async def test_a_changed_listen_address_needs_a_restart_and_the_rest_applies(
     await reloads.wait_reloads(1)
     assert (f"reload: smtp.listen, node.hostname: changed in {relay.path}, needs a restart; "
             "running on with the values it started with") in reloads.lines
-    client = await Client.connect(relay.port)  # the old address, the old name
+    client = await Client.greeted(relay.port)  # the old address, the old name
     assert (await client.cmd("EHLO client.example"))[1][0] == HOST
     assert (await client.cmd("MAIL FROM:<a@sender.example>"))[0] == 250
     assert (await client.cmd("RCPT TO:<bob@new.example>"))[0] == 250
@@ -236,7 +217,7 @@ async def test_a_reload_reads_a_renewed_certificate_and_refuses_a_broken_one(
     write_cert(renewed, tmp_path / "cert.pem")
     hangup()
     await reloads.wait_reloads(1)
-    client = await Client.connect(relay.port)
+    client = await Client.greeted(relay.port)
     await client.cmd("EHLO client.example")
     await client.starttls(trusting(renewed))  # verifies only against the renewed CA
     assert (await client.cmd("EHLO client.example"))[0] == 250
@@ -247,7 +228,7 @@ async def test_a_reload_reads_a_renewed_certificate_and_refuses_a_broken_one(
     await reloads.wait_reloads(2)
     assert any(line.startswith(f"reload refused: {relay.path}: smtp.tls_cert: cannot load ")
                for line in reloads.lines), reloads.lines
-    client = await Client.connect(relay.port)  # the renewed certificate stays in use
+    client = await Client.greeted(relay.port)  # the renewed certificate stays in use
     await client.cmd("EHLO client.example")
     await client.starttls(trusting(renewed))
     await client.close()
@@ -260,7 +241,7 @@ async def test_next_attempts_follow_a_reloaded_next_hop(
     sink = smtp_sink("127.0.0.1")
     relay = await serving(Served(tmp_path, domains={
         "old.example": {"next_hop": f"127.0.0.1:{closed_port()}"}}))
-    client = await Client.connect(relay.port)
+    client = await Client.greeted(relay.port)
     await client.cmd("EHLO client.example")
     await client.cmd("MAIL FROM:<a@sender.example>")
     await client.cmd("RCPT TO:<alice@old.example>")
@@ -307,7 +288,7 @@ async def test_a_reloaded_ca_file_is_what_verify_trusts_next(
         relay = await serving(Served(
             tmp_path, delivery={"tls": "verify", "tls_ca_file": "ca.pem"},
             domains={"old.example": {"next_hop": f"127.0.0.1:{sink.port}"}}))
-        client = await Client.connect(relay.port)
+        client = await Client.greeted(relay.port)
         await client.cmd("EHLO client.example")
         await client.cmd("MAIL FROM:<a@sender.example>")
         await client.cmd("RCPT TO:<alice@old.example>")

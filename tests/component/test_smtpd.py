@@ -34,6 +34,7 @@ from relay.smtp import server as smtpd
 from relay.smtp.data import LINE_TOO_LONG, DataReceiver
 from relay.smtp.listeners import Listeners, start_listeners
 from relay.smtp.policy import Policy
+from tests.support.smtp_lines import LineClient, Reply
 
 HOST = "mail.verrotech.net"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -44,47 +45,14 @@ BODY = b"From: a@sender.example\r\nTo: bob@verrotech.com\r\nSubject: hi\r\n\r\nh
 # -- a raw SMTP client: exact bytes in, replies out -------------------------------
 
 
-@dataclass
-class Reply:
-    code: int
-    lines: list[str]
+class Client(LineClient[Reply]):
+    """Replies whole: code, texts, raw lines."""
 
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    @property
-    def last(self) -> str:
-        return f"{self.code} {self.lines[-1]}"
-
-
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, address: tuple[str, int]) -> Client:
-        reader, writer = await asyncio.open_connection(*address)
-        return cls(reader, writer)
-
-    async def reply(self) -> Reply:
-        lines: list[str] = []
-        while True:
-            raw = await asyncio.wait_for(self.reader.readline(), 20)
-            assert raw.endswith(b"\r\n"), f"connection closed after {lines!r}: {raw!r}"
-            line = raw[:-2].decode("utf-8")
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                return Reply(int(line[:3]), lines)
+    def shaped(self, reply: Reply) -> Reply:
+        return reply
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def cmd(self, line: str | bytes) -> Reply:
-        await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
-        return await self.reply()
+        await self.write(data)
 
     async def ehlo(self, name: str = "client.example") -> Reply:
         return await self.cmd(f"EHLO {name}")
@@ -103,11 +71,6 @@ class Client:
     async def at_eof(self) -> bytes:
         """Everything until the server closes the connection."""
         return await asyncio.wait_for(self.reader.read(), 20)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
 
 
 # -- fixtures --------------------------------------------------------------------

@@ -8,7 +8,6 @@ header; a name server that never answers gives temperror within dns.timeout.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from relay.smtp.listeners import start_listeners
 from relay.smtp.spf import SpfCheck
 from tests.component.test_reload import ReloadLog, Served, hangup, reloads, serving
 from tests.support.dns_server import DnsServer
+from tests.support.smtp_lines import LineClient, Reply
 
 HOST = "mail.verrotech.net"
 DEADLINE = 15.0
@@ -48,28 +48,19 @@ def add_spf_zone(dns: DnsServer) -> None:
     dns.drop("slow.example")  # never answered: the check times out
 
 
-class Session:
+class Session(LineClient[str]):
     """A bare SMTP client: one reply line per command, the last of a multi-line one."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    deadline = DEADLINE
 
     @classmethod
     async def open(cls, port: int, helo: str = "client.example") -> Session:
-        session = cls(*await asyncio.open_connection("127.0.0.1", port))
-        assert (await session.reply()).startswith("220")
+        session = await cls.greeted(port)
         assert (await session.cmd(f"EHLO {helo}")).startswith("250")
         return session
 
-    async def reply(self) -> str:
-        while True:
-            line = (await asyncio.wait_for(self.reader.readline(), DEADLINE)).decode().rstrip()
-            if line[3:4] != "-":
-                return line
-
-    async def cmd(self, line: str) -> str:
-        self.writer.write(line.encode() + b"\r\n")
-        return await self.reply()
+    def shaped(self, reply: Reply) -> str:
+        return reply.raw[-1]
 
     async def send(self, sender: str) -> str:
         """One message from `sender`; the reply to MAIL FROM."""
@@ -81,8 +72,7 @@ class Session:
 
     async def close(self) -> None:
         await self.cmd("QUIT")
-        self.writer.close()
-        await self.writer.wait_closed()
+        await super().close()
 
 
 Start = Callable[..., Awaitable[tuple[int, list[NewMessage]]]]

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from relay.ops.metrics import Metrics
 from tests.component.test_spf import HOST, Session, add_spf_zone
 from tests.support.deployment import to_toml
 from tests.support.dns_server import DnsServer
-from tests.support.log_lines import LogLines, capturing
+from tests.support.log_lines import LogLines
 from tests.support.relay_process import free_port
 from tests.support.smtp_sink import Sink
 
@@ -44,12 +43,6 @@ def sink() -> Iterator[Sink]:
     primary.rcpt_reply["busy@verrotech.com"] = "450 4.2.1 mailbox busy"
     yield primary
     primary.stop()
-
-
-@pytest.fixture
-async def mail_log() -> AsyncIterator[LogLines]:
-    async with capturing(LogLines(deadline=DEADLINE), "relay.mail", logging.INFO) as handler:
-        yield handler
 
 
 def scrape(port: int) -> str:
