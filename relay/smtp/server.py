@@ -40,6 +40,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 from relay.core import maillog
 from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
+from relay.queue.gather import Arrival
 from relay.queue.rows import NewMessage, QueueError
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
 from relay.smtp.deadline import DataDeadline, SessionCap
@@ -446,17 +447,19 @@ class RelaySMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             receiver = DataReceiver(self._settings.max_size, self._shared.inflight)
+            arrival = self._shared.gathering.arriving()  # for the writer's commit_delay
             try:
                 if not await self._read_data(receiver):
                     return  # the client went away
                 problem = receiver.problem
                 if problem is None:
-                    reply = await self._accept(envelope, receiver.blocks)
+                    reply = await self._accept(envelope, receiver.blocks, arrival)
                 else:
                     await self._refuse(DATA_PROBLEMS[problem], "DATA", problem,
                                        envelope.mail_from or "", ",".join(envelope.rcpt_tos))
                     reply = ""
             finally:
+                arrival.end()
                 receiver.release()  # stored or dropped: its bytes are no longer held
             self._set_post_data_state()
             if reply:
@@ -504,7 +507,8 @@ class RelaySMTP(SMTP):
                 self._reset_timeout()
         return True
 
-    async def _accept(self, envelope: RelayEnvelope, blocks: list[bytes]) -> str:
+    async def _accept(self, envelope: RelayEnvelope, blocks: list[bytes],
+                      arrival: Arrival) -> str:
         """Check the joined message once, then store it; the reply to the final dot."""
         shared = self._shared
         queue_id = shared.id_factory()
@@ -544,7 +548,7 @@ class RelaySMTP(SMTP):
             spf=envelope.spf.result if envelope.spf is not None else None,
         )
         try:
-            await shared.store(message)
+            await shared.store(message, arrival)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
