@@ -113,11 +113,6 @@ class Store:
         """Whether WAL checkpoints are running (for tests and health)."""
         return self._writer.checkpointing
 
-    @property
-    def transactions(self) -> int:
-        """Write transactions the writer has run so far (for tests and benchmarks)."""
-        return self._writer.transactions
-
     async def write_problem(self, timeout: float) -> str | None:
         """None while writes commit; "database locked" after a write failed on
         a lock another process holds, until a probe through the writer (an empty
@@ -179,20 +174,14 @@ class _WriterThread:
                  settle: Callable[[list[Answer]], None], gathering: Gathering) -> None:
         self._inbox = QueueInbox()
         self._checkpointer = Checkpointer(queue) if checkpoints else None
-        self._after_write = self._checkpointer.after_write if self._checkpointer else None
-        self.transactions = 0  # counted by the writer's thread only
+        wrote = self._checkpointer.after_write if self._checkpointer else lambda: None
         if self._checkpointer is not None:
             self._checkpointer.start()
         self._thread = threading.Thread(
-            target=writer.write_loop, args=(queue, self._inbox, settle, self._wrote, gathering),
+            target=writer.write_loop, args=(queue, self._inbox, settle, wrote, gathering),
             name="relay-writer", daemon=True,
         )
         self._thread.start()
-
-    def _wrote(self) -> None:
-        self.transactions += 1
-        if self._after_write is not None:
-            self._after_write()
 
     def send(self, request: Request) -> None:
         self._inbox.jobs.put(request)
