@@ -104,3 +104,13 @@ async def test_a_refused_message_is_no_longer_waited_for(tmp_path: Path, queue: 
         assert (await client.reply()).code == 550
         assert gathering.on_the_way == 0
         await client.close()
+
+
+async def test_a_reload_sets_the_delay_the_writer_reads(tmp_path: Path, queue: Queue) -> None:
+    gathering = Gathering(delay=0.001)
+    async with started(tmp_path, queue, gathering) as (_store, listeners):
+        config = make_config(tmp_path)
+        config = config.model_copy(update={
+            "queue": config.queue.model_copy(update={"commit_delay": 0.0005})})
+        listeners.reconfigure(config, Policy(config, recheck_interval=0), None)
+        assert gathering.delay == 0.0005
