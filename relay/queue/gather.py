@@ -1,15 +1,17 @@
 """Commit gathering: messages on their way to the writer, and how long it waits for them.
 
-Owns one count, the SMTP sessions of this process in the middle of DATA
-whose message has not yet been handed to the writer (`Arrival`), and the
-writer's rule for a short wait before a group commit, as PostgreSQL's
-commit_delay/commit_siblings: while some are on their way, the writer waits
-for them up to `delay` (measured from its first wait for this commit), so one
-commit, one round trip and one WAL flush carry more messages. Nobody on the
-way: no wait, and no clock read. The wait never delays a 250 past a commit
-that holds the message (the commit comes after the wait, as a whole).
-Refuses SQL and threads (`writer.py` waits, `store.py` counts the hand-over),
-and SMTP (`relay.smtp` says when DATA starts and ends).
+Owns one count, the SMTP sessions of this process inside a mail
+transaction (from MAIL FROM's 250) whose message has not yet been handed to
+the writer (`Arrival`), and the writer's rule for a short wait before a
+group commit, as PostgreSQL's commit_delay/commit_siblings: while some are
+on their way, the writer waits for them up to `delay` (measured from its
+first wait for this commit), so one commit, one round trip and one WAL
+flush carry more messages. Nobody on the way: no wait, and no clock read.
+The wait comes before the commit: no 250 is sent before its message's
+commit is durable. The count is kept on the event loop's thread only.
+Refuses SQL and threads (`writer.py` waits) and SMTP (`relay.smtp` says
+when a transaction starts and ends, and `Shared.store` when a message is
+handed over).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Gathering:
         self._now = now
 
     def arriving(self) -> Arrival:
-        """One session's DATA has started: its message may come soon."""
+        """One session's mail transaction has started: its message may come soon."""
         self.on_the_way += 1
         return Arrival(self)
 
@@ -52,7 +54,8 @@ class Gathering:
 
 class Arrival:
     """One session's message on its way: `end` once handed to the writer, or
-    once DATA ends without one (refused, client gone); a second `end` is a no-op."""
+    once its transaction ends without one (RSET, refused, client gone); a
+    second `end` is a no-op."""
 
     __slots__ = ("_gathering",)
 
@@ -63,3 +66,6 @@ class Arrival:
         gathering, self._gathering = self._gathering, None
         if gathering is not None:
             gathering.on_the_way -= 1
+
+
+NO_ARRIVAL = Arrival(None)  # a session outside a mail transaction: nothing to end

@@ -146,7 +146,7 @@ async def start_listeners(
     domain's mail due now; `policy` defaults to one built from `config`;
     `metrics` (a `relay.ops.metrics.Metrics`) gets accepted messages, rejections
     by reason and open sessions; `spf` checks each MAIL FROM (None: no SPF);
-    `gathering` (the store's) counts each message on its way from DATA to the writer.
+    `gathering` (the store's) counts each message on its way from MAIL FROM to the writer.
     """
     loop = asyncio.get_running_loop()
     shared = Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,

@@ -40,7 +40,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 from relay.core import maillog
 from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
-from relay.queue.gather import Arrival
+from relay.queue.gather import NO_ARRIVAL, Arrival
 from relay.queue.rows import NewMessage, QueueError
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
 from relay.smtp.deadline import DataDeadline, SessionCap
@@ -93,6 +93,7 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
+        self._arrival = NO_ARRIVAL  # this transaction's message, on its way to the writer
         self._deadline = DataDeadline(0.0, 0.0, 0)  # replaced at every DATA
         self._cap = SessionCap(shared.loop, self._settings.max_session_time, self._timeout_cb,
                                lambda: self._busy)  # the protocol is made as the client connects
@@ -172,6 +173,11 @@ class RelaySMTP(SMTP):
         finally:
             self._shared.release(self)
             self._cap.cancel()
+            self._arrival.end()
+
+    def _set_post_data_state(self) -> None:
+        self._arrival.end()  # the transaction is over: nothing more will come of it
+        super()._set_post_data_state()
 
     def data_received(self, data: bytes) -> None:
         self._talked = True
@@ -372,6 +378,7 @@ class RelaySMTP(SMTP):
         envelope.smtp_utf8 = smtputf8
         envelope.body_8bitmime = body_8bitmime
         envelope.dsn = dsn
+        self._arrival = self._shared.gathering.arriving()  # for the writer's commit_delay
         await self.push("250 2.1.0 Ok")
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -447,7 +454,7 @@ class RelaySMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             receiver = DataReceiver(self._settings.max_size, self._shared.inflight)
-            arrival = self._shared.gathering.arriving()  # for the writer's commit_delay
+            arrival = self._arrival
             try:
                 if not await self._read_data(receiver):
                     return  # the client went away

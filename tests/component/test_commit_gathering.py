@@ -1,8 +1,10 @@
 """Commit gathering over real loopback SMTP into a real queue (SQLite and PostgreSQL).
 
-A message whose DATA ends while another session is still in DATA waits (at
-most `queue.commit_delay`) for that one, and both are stored by one commit;
-a session alone never waits.
+A message whose DATA ends while another session is inside a mail
+transaction (MAIL FROM given, its message not yet stored) waits (at most
+`queue.commit_delay`) for that one, and both are stored by one commit; a
+session alone never waits, and a transaction that ends without a message
+(RSET, the client gone) is no longer waited for.
 """
 
 from __future__ import annotations
@@ -114,3 +116,28 @@ async def test_a_reload_sets_the_delay_the_writer_reads(tmp_path: Path, queue: Q
             "queue": config.queue.model_copy(update={"commit_delay": 0.0005})})
         listeners.reconfigure(config, Policy(config, recheck_interval=0), None)
         assert gathering.delay == 0.0005
+
+
+async def test_a_transaction_that_ends_without_a_message_is_no_longer_waited_for(
+        tmp_path: Path, queue: Queue) -> None:
+    gathering = Gathering(delay=30.0)
+    async with started(tmp_path, queue, gathering) as (_store, listeners):
+        address = listeners.addresses[0]
+        reset, gone = await Client.connect(address), await Client.connect(address)
+        for client in (reset, gone):
+            assert (await client.reply()).code == 220
+            assert (await client.ehlo()).code == 250
+            assert (await client.cmd("MAIL FROM:<a@sender.example>")).code == 250
+        assert gathering.on_the_way == 2
+        assert (await reset.cmd("RSET")).code == 250
+        assert gathering.on_the_way == 1
+        assert (await gone.cmd("QUIT")).code == 221
+        await gone.at_eof()
+        assert (await reset.cmd("NOOP")).code == 250  # a loop turn or more since
+        assert gathering.on_the_way == 0
+        alone = await in_data(address)  # nobody else in a transaction: no wait
+        await alone.send(b".\r\n")
+        assert (await asyncio.wait_for(alone.reply(), 10)).code == 250
+        assert gathering.waits == 0 and gathering.on_the_way == 0
+        for client in (reset, gone, alone):
+            await client.close()
