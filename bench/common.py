@@ -82,8 +82,11 @@ def relay_config(listen: str, url: str, next_hop: str, backoff: tuple[str, str] 
     """The relay's config for a benchmark: backup MX of bench.example, sending
     to `next_hop`, no per-client limits (one load generator makes all the
     connections), no metrics listener. SPF only with `spf_dns` ("ip:port" of
-    a DNS server to ask): a benchmark never asks DNS outside this machine."""
+    a DNS server to ask): a benchmark never asks DNS outside this machine.
+    $BENCH_QUEUE: more `[queue]` lines, for turns with and without a setting
+    (`BENCH_QUEUE='commit_delay = 0'`)."""
     dns = f'[dns]\nnameservers = ["{spf_dns}"]\n' if spf_dns else ""
+    more_queue = os.environ.get("BENCH_QUEUE", "").replace(";", "\n")
     return f"""\
 [node]
 hostname = "bench-relay.example"
@@ -94,6 +97,7 @@ max_messages_per_ip_per_minute = 0
 spf = {"true" if spf_dns else "false"}
 {dns}[queue]
 url = "{url}"
+{more_queue}
 [delivery]
 min_backoff = "{backoff[0]}"
 max_backoff = "{backoff[1]}"

@@ -45,6 +45,7 @@ from relay.ops.http import HealthCheck, start_http
 from relay.ops.metrics import Metrics
 from relay.queue import db
 from relay.queue.access import Queue
+from relay.queue.gather import Gathering
 from relay.queue.rows import NewMessage, domain_of, new_queue_id
 from relay.queue.store import Store
 from relay.reload import Reloader
@@ -298,7 +299,7 @@ async def serve(
                         lock_timeout=config.queue.lock_timeout)
     revision = await asyncio.to_thread(db.ensure_ready, engine)
     log.info("queue database at schema revision %s", revision.current)
-    store = Store(Queue(engine))
+    store = Store(Queue(engine), gathering=Gathering(config.queue.commit_delay))
     shared = engine.dialect.name == "postgresql"  # other nodes may scrape alongside this one
     metrics = Metrics(store.queue, clock, nodes=store.queue,
                       node=config.node.hostname if shared else None)
@@ -383,6 +384,7 @@ async def serve(
         policy=policy,
         metrics=metrics,
         spf=dns.spf_for(config),
+        gathering=store.gathering,
     )
     http = None
     if config.metrics.address is not None:

@@ -9,7 +9,9 @@ Refuses decisions: which rows to write, and when, is the caller's.
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
@@ -81,7 +83,13 @@ class RawInsert:
         self._statements: dict[int, str] = {}
 
     def __call__(self, conn: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        for sql, values in self.statements(rows):
+            raw(conn, sql, values)
+
+    def statements(self, rows: Sequence[Sequence[Any]]) -> list[tuple[str, list[Any]]]:
+        """The statements (SQL and values) that insert `rows`."""
         processors = self._processors
+        made = []
         for start in range(0, len(rows), self.ROWS_PER_STATEMENT):
             chunk = rows[start:start + self.ROWS_PER_STATEMENT]
             values = [
@@ -89,7 +97,8 @@ class RawInsert:
                 for row in chunk
                 for p, v in zip(processors, row, strict=True)
             ]
-            raw(conn, self._statement(len(chunk)), values)
+            made.append((self._statement(len(chunk)), values))
+        return made
 
     def _statement(self, rows: int) -> str:
         sql = self._statements.get(rows)
@@ -167,17 +176,44 @@ class Lease(NamedTuple):
     until: datetime
 
 
+IDLE_CHECK = 10.0  # seconds a held PostgreSQL connection may rest before the pool pings it
+
+
 class _HeldConnection(threading.local):
     """The connection a thread keeps between transactions (`holding_connection`)."""
 
     active = False
     conn: Connection | None = None
+    used = 0.0  # time.monotonic() at the end of its last transaction
 
     def drop(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None:
             with suppress(SQLAlchemyError):  # a broken connection: the pool discards it
                 conn.close()
+
+    def check(self) -> None:
+        """PostgreSQL: drop a held connection the server may have left, so the
+        next transaction takes one through the pool's ping: after IDLE_CHECK
+        at rest, or when the server spoke unasked (`_server_spoke`)."""
+        conn = self.conn
+        if conn is not None and (time.monotonic() - self.used > IDLE_CHECK
+                                 or _server_spoke(conn)):
+            self.drop()
+
+
+def _server_spoke(conn: Connection) -> bool:
+    """Whether PostgreSQL sent anything to a connection between transactions,
+    or closed it: a server shutting down or restarting, or ending our backend,
+    sends its FATAL error, then closes the socket. One poll(2), no round trip."""
+    try:
+        raw: Any = conn.connection.dbapi_connection
+        if raw is None or raw.closed or raw.broken:
+            return True
+        readable, _, _ = select.select([raw.pgconn.socket], [], [], 0)
+    except Exception:  # closed under us, or not psycopg: take no chances
+        return True
+    return bool(readable)
 
 
 class QueueBase:
@@ -200,13 +236,15 @@ class QueueBase:
 
     @contextmanager
     def holding_connection(self) -> Iterator[None]:
-        """Within the block, this thread's write transactions share one SQLite
+        """Within the block, this thread's write transactions share one
         connection instead of taking one from the pool each time: the writer
         thread's, where a checkout and check-in cost a third of a put's own
-        work. Not on PostgreSQL: there the pool's ping at every checkout is
-        what notices a restarted server before a transaction fails on it."""
+        work, and on PostgreSQL the pool's ping one more round trip per commit.
+        That ping notices a restarted server before a transaction fails on it:
+        a held PostgreSQL connection is checked instead, without a round trip
+        (`_HeldConnection.check`)."""
         held = self._held
-        held.active = not self._postgres
+        held.active = True
         try:
             yield
         finally:
@@ -222,6 +260,8 @@ class QueueBase:
             with self.engine.connect().execution_options(durable=durable) as conn, conn.begin():
                 yield conn
             return
+        if self._postgres:
+            held.check()
         if held.conn is None:
             held.conn = self.engine.connect()
         conn = held.conn.execution_options(durable=durable)  # set in place
@@ -233,6 +273,8 @@ class QueueBase:
             # transaction starts on a fresh connection.
             held.drop()
             raise
+        if self._postgres:
+            held.used = time.monotonic()
 
     def write_ping(self) -> None:
         """Take the write lock and let it go (an empty write transaction):
@@ -254,9 +296,9 @@ class QueueBase:
         if not batch:
             return
         entries = [(m, *entry) for m in batch for entry in m.split_by_destination()]
-        self._insert_bodies(conn, [(m.id, m.data) for m in batch])
+        statements = self._insert_bodies.statements([(m.id, m.data) for m in batch])
         deferred = MessageState.DEFERRED.value
-        self._insert_messages(conn, [
+        statements += self._insert_messages.statements([
             (qid, m.id, dest, m.sender, len(m.data), m.received_at, m.client_address,
              m.client_helo, m.smtputf8, m.eightbit, m.is_dsn, deferred,
              dest, m.received_at,  # due now, or parked if its destination is down
@@ -273,7 +315,13 @@ class QueueBase:
             for rcpt in rcpts:
                 p = given.get(rcpt, NO_RCPT_PARAMS)
                 rows.append((qid, rcpt, queued, 0, "", notify_text(p.notify), p.orcpt))
-        self._insert_recipients(conn, rows)
+        statements += self._insert_recipients.statements(rows)
+        if self._postgres and len(statements) == 3:  # one round trip, not three
+            (bodies_sql, bodies_values), (messages_sql, messages_values), last = statements
+            statements = [(f"WITH b AS ({bodies_sql}), m AS ({messages_sql}) {last[0]}",
+                           [*bodies_values, *messages_values, *last[1]])]
+        for sql, values in statements:
+            raw(conn, sql, values)
 
     def _remove(self, conn: Connection, ids: Sequence[str]) -> list[Removed]:
         """Delete these messages (their recipients go by ON DELETE CASCADE) and

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from relay.queue import db, writer
 from relay.queue.access import Queue
+from relay.queue.gather import Gathering
 from relay.queue.rows import Attempt, NewMessage, QueueError, Recorded
 from relay.queue.writer import Answer, Checkpointer, QueueInbox, Request
 
@@ -40,15 +41,19 @@ class Store:
     """Writes go to ONE writer (SQLite has one writer; several would put each
     other to sleep in SQLite's busy handler); reads run in a small pool."""
 
-    def __init__(self, queue: Queue, readers: int = 2) -> None:
+    def __init__(self, queue: Queue, readers: int = 2,
+                 gathering: Gathering | None = None) -> None:
         """WAL checkpoints run here when the engine leaves them to its caller
-        (`db.connect(background_checkpoints=True)`)."""
+        (`db.connect(background_checkpoints=True)`). `gathering`: the messages
+        on their way (the SMTP sessions count themselves in) and how long the
+        writer may wait for them before a group commit (none: no wait)."""
         checkpoints = db.checkpoints_left_to_caller(queue.engine)
         self.queue = queue
+        self.gathering = gathering or Gathering()
         self._executor = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="relay-db")
         self._keys = itertools.count()
         self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.AbstractEventLoop]] = {}
-        self._writer = _WriterThread(queue, checkpoints, self._settle)
+        self._writer = _WriterThread(queue, checkpoints, self._settle, self.gathering)
         self._closed = False
         self._locked = False  # the last write failed on the lock; none committed since
         self._probe: asyncio.Future[Any] | None = None
@@ -166,14 +171,14 @@ class _WriterThread:
     """The writer's thread, fed through a thread-safe queue."""
 
     def __init__(self, queue: Queue, checkpoints: bool,
-                 settle: Callable[[list[Answer]], None]) -> None:
+                 settle: Callable[[list[Answer]], None], gathering: Gathering) -> None:
         self._inbox = QueueInbox()
         self._checkpointer = Checkpointer(queue) if checkpoints else None
         wrote = self._checkpointer.after_write if self._checkpointer else lambda: None
         if self._checkpointer is not None:
             self._checkpointer.start()
         self._thread = threading.Thread(
-            target=writer.write_loop, args=(queue, self._inbox, settle, wrote),
+            target=writer.write_loop, args=(queue, self._inbox, settle, wrote, gathering),
             name="relay-writer", daemon=True,
         )
         self._thread.start()

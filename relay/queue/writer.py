@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from relay.queue import db
 from relay.queue.access import Queue
+from relay.queue.gather import Gathering
 from relay.queue.rows import Attempt, NewMessage, QueueError, Recorded
 from relay.queue.sql import one_line
 
@@ -60,6 +61,9 @@ class Inbox(Protocol):
     def get_nowait(self) -> Request | bool | None:
         """The next request, STOP, or False when none is waiting."""
 
+    def get_within(self, timeout: float) -> Request | bool | None:
+        """The next request, STOP, or False when none came within `timeout` seconds."""
+
 
 class QueueInbox:
     """Requests from other threads of this process, through a thread-safe queue."""
@@ -76,19 +80,26 @@ class QueueInbox:
         except threadqueue.Empty:
             return False
 
+    def get_within(self, timeout: float) -> Request | bool | None:
+        try:
+            return self.jobs.get(timeout=timeout)
+        except threadqueue.Empty:
+            return False
+
 
 def write_loop(
     queue: Queue, inbox: Inbox, answer: Callable[[list[Answer]], None],
-    wrote: Callable[[], None] = lambda: None,
+    wrote: Callable[[], None] = lambda: None, gathering: Gathering | None = None,
 ) -> None:
-    """Serve requests until STOP; `wrote` is told after every transaction."""
+    """Serve requests until STOP; `wrote` is told after every transaction;
+    `gathering` says which messages are on their way to a group commit."""
     with queue.holding_connection():
-        _serve(queue, inbox, answer, wrote)
+        _serve(queue, inbox, answer, wrote, gathering or Gathering())
 
 
 def _serve(
     queue: Queue, inbox: Inbox, answer: Callable[[list[Answer]], None],
-    wrote: Callable[[], None],
+    wrote: Callable[[], None], gathering: Gathering,
 ) -> None:
     pending: Request | None = None
     while True:
@@ -102,10 +113,13 @@ def _serve(
             continue
         batch = [request]
         stop = False
+        wait = _Wait(inbox, gathering)
         while len(batch) < MAX_BATCH:
             nxt = inbox.get_nowait()
             if nxt is False:
-                break
+                nxt = wait.for_next()
+                if nxt is False:
+                    break
             if nxt is STOP:
                 stop = True
                 break
@@ -118,6 +132,34 @@ def _serve(
         wrote()
         if stop:
             return
+
+
+class _Wait:
+    """The wait before one group commit, with the inbox empty, for messages
+    on their way (`gathering.py`): until a deadline set at its first wait."""
+
+    __slots__ = ("_deadline", "_gathering", "_inbox")
+
+    def __init__(self, inbox: Inbox, gathering: Gathering) -> None:
+        self._inbox = inbox
+        self._gathering = gathering
+        self._deadline: float | None = None
+
+    def for_next(self) -> Request | bool | None:
+        """The next request, or False when the commit should go now. The wait
+        ends early when a request comes, and for good once nobody is on the way."""
+        gathering = self._gathering
+        while True:
+            if self._deadline is None:
+                self._deadline = gathering.deadline()
+                if self._deadline is None:
+                    return False
+            left = gathering.left(self._deadline)
+            if left <= 0:
+                return False
+            nxt = self._inbox.get_within(left)
+            if nxt is not False:
+                return nxt
 
 
 def _commit(queue: Queue, batch: list[Request]) -> list[Answer]:

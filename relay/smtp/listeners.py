@@ -17,6 +17,7 @@ from relay.core.clock import Clock
 from relay.core.config import Config
 from relay.core.oserror import ListenError
 from relay.core.room import FreeSpace
+from relay.queue.gather import Gathering
 from relay.smtp.policy import Policy
 from relay.smtp.server import RelaySMTP
 from relay.smtp.shared import OnEtrn, Shared, SmtpMetrics, SmtpStats, Submit
@@ -135,6 +136,7 @@ async def start_listeners(
     policy: Policy | None = None,
     metrics: SmtpMetrics | None = None,
     spf: SpfCheck | None = None,
+    gathering: Gathering | None = None,
 ) -> Listeners:
     """Listen on every smtp.listen address; returns once all are bound, or
     raises `ListenError` naming the address that could not be (and why).
@@ -143,11 +145,12 @@ async def start_listeners(
     durably stored (and raises on failure); `on_etrn(domain)` makes that
     domain's mail due now; `policy` defaults to one built from `config`;
     `metrics` (a `relay.ops.metrics.Metrics`) gets accepted messages, rejections
-    by reason and open sessions; `spf` checks each MAIL FROM (None: no SPF).
+    by reason and open sessions; `spf` checks each MAIL FROM (None: no SPF);
+    `gathering` (the store's) counts each message on its way from MAIL FROM to the writer.
     """
     loop = asyncio.get_running_loop()
     shared = Shared(config, policy or Policy(config), submit, id_factory, clock, on_etrn,
-                    tls_context(config), loop, metrics, spf)
+                    tls_context(config), loop, metrics, spf, gathering)
     backlog = max(100, min(config.smtp.max_connections, 4096))
     servers: list[asyncio.Server] = []
     try:

@@ -40,6 +40,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 from relay.core import maillog
 from relay.core.address import host_key
 from relay.core.room import SHORT_OF_SPACE
+from relay.queue.gather import NO_ARRIVAL, Arrival
 from relay.queue.rows import NewMessage, QueueError
 from relay.smtp.data import TOO_BIG, DataReceiver, give_back
 from relay.smtp.deadline import DataDeadline, SessionCap
@@ -92,6 +93,7 @@ class RelaySMTP(SMTP):
         self._refusal: str | None = None
         self._in_data = False
         self._busy = False  # receiving or storing a message: close() lets it finish
+        self._arrival = NO_ARRIVAL  # this transaction's message, on its way to the writer
         self._deadline = DataDeadline(0.0, 0.0, 0)  # replaced at every DATA
         self._cap = SessionCap(shared.loop, self._settings.max_session_time, self._timeout_cb,
                                lambda: self._busy)  # the protocol is made as the client connects
@@ -171,6 +173,11 @@ class RelaySMTP(SMTP):
         finally:
             self._shared.release(self)
             self._cap.cancel()
+            self._arrival.end()
+
+    def _set_post_data_state(self) -> None:
+        self._arrival.end()  # the transaction is over: nothing more will come of it
+        super()._set_post_data_state()
 
     def data_received(self, data: bytes) -> None:
         self._talked = True
@@ -371,6 +378,7 @@ class RelaySMTP(SMTP):
         envelope.smtp_utf8 = smtputf8
         envelope.body_8bitmime = body_8bitmime
         envelope.dsn = dsn
+        self._arrival = self._shared.gathering.arriving()  # for the writer's commit_delay
         await self.push("250 2.1.0 Ok")
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -446,17 +454,19 @@ class RelaySMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             receiver = DataReceiver(self._settings.max_size, self._shared.inflight)
+            arrival = self._arrival
             try:
                 if not await self._read_data(receiver):
                     return  # the client went away
                 problem = receiver.problem
                 if problem is None:
-                    reply = await self._accept(envelope, receiver.blocks)
+                    reply = await self._accept(envelope, receiver.blocks, arrival)
                 else:
                     await self._refuse(DATA_PROBLEMS[problem], "DATA", problem,
                                        envelope.mail_from or "", ",".join(envelope.rcpt_tos))
                     reply = ""
             finally:
+                arrival.end()
                 receiver.release()  # stored or dropped: its bytes are no longer held
             self._set_post_data_state()
             if reply:
@@ -504,7 +514,8 @@ class RelaySMTP(SMTP):
                 self._reset_timeout()
         return True
 
-    async def _accept(self, envelope: RelayEnvelope, blocks: list[bytes]) -> str:
+    async def _accept(self, envelope: RelayEnvelope, blocks: list[bytes],
+                      arrival: Arrival) -> str:
         """Check the joined message once, then store it; the reply to the final dot."""
         shared = self._shared
         queue_id = shared.id_factory()
@@ -544,7 +555,7 @@ class RelaySMTP(SMTP):
             spf=envelope.spf.result if envelope.spf is not None else None,
         )
         try:
-            await shared.store(message)
+            await shared.store(message, arrival)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

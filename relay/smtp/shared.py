@@ -6,11 +6,13 @@ new config applies to sessions that start after it and never to one half
 way through; a session reads them without a lock or a copy), admitting
 and releasing connections against the limits, counting accepted and rejected
 mail for the metrics, the room left (free space for the queue, memory for
-messages being received, `relay.core.room`), keeping the tasks that must finish before a shutdown
-completes, shielding a commit from a client that hangs up), the stateless
-aiosmtpd handler with the hooks aiosmtpd calls (EHLO, NOOP, RSET, QUIT), and
-the client's IP as text. Refuses the protocol itself (`server.py`), reply
-wording (`replies.py`) and sockets (`listeners.py`).
+messages being received, `relay.core.room`), the count of messages on their
+way to the queue's writer (`relay.queue.gather`), keeping the tasks that
+must finish before a shutdown completes (shielding a commit from a client
+that hangs up), the stateless aiosmtpd handler with the hooks aiosmtpd
+calls (EHLO, NOOP, RSET, QUIT), and the client's IP as text. Refuses the
+protocol itself (`server.py`), reply wording (`replies.py`) and sockets
+(`listeners.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.core.clock import Clock
 from relay.core.config import Config
 from relay.core.room import Budget, FreeSpace
+from relay.queue.gather import Arrival, Gathering
 from relay.queue.rows import NewMessage
 from relay.smtp.limits import ClientLimits
 from relay.smtp.policy import Policy
@@ -154,7 +157,7 @@ class Shared:
         self, config: Config, policy: Policy, submit: Submit, id_factory: Callable[[], str],
         clock: Clock, on_etrn: OnEtrn | None, tls_context: ssl.SSLContext | None,
         loop: asyncio.AbstractEventLoop, metrics: SmtpMetrics | None,
-        spf: SpfCheck | None = None,
+        spf: SpfCheck | None = None, gathering: Gathering | None = None,
     ) -> None:
         smtp = config.smtp
         self.settings = Settings.build(config, policy, tls_context, spf)
@@ -179,6 +182,7 @@ class Shared:
         self.idle = asyncio.Event()
         self.idle.set()
         self.inflight = Budget(smtp.max_inflight_data)  # DATA held by all sessions
+        self.gathering = gathering or Gathering()  # messages on their way to the queue's writer
         path = config.queue.sqlite_path
         self.free_space = FreeSpace(path.parent if path is not None else None,
                                     config.queue.min_free_space)
@@ -195,6 +199,7 @@ class Shared:
         self.limits.etrn_interval = smtp.etrn_interval
         self.inflight.limit = smtp.max_inflight_data
         self.free_space.minimum = config.queue.min_free_space
+        self.gathering.delay = config.queue.commit_delay
 
     def reject(self, reason: str) -> None:
         self.stats.rejections[reason] += 1
@@ -246,8 +251,11 @@ class Shared:
         if not future.cancelled():
             future.exception()  # retrieved: the session logged it if it still cared
 
-    async def store(self, message: NewMessage) -> None:
-        """Submit, shielded: a client hanging up must not cut a commit in half."""
+    async def store(self, message: NewMessage, arrival: Arrival | None = None) -> None:
+        """Submit, shielded: a client hanging up must not cut a commit in half.
+        `arrival` ends first: the writer need no longer wait for this message."""
+        if arrival is not None:
+            arrival.end()
         task = asyncio.ensure_future(self.submit(message))
         self.keep(task)
         try:
