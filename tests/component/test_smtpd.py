@@ -69,8 +69,19 @@ class Client(LineClient[Reply]):
         return await self.reply()
 
     async def at_eof(self) -> bytes:
-        """Everything until the server closes the connection."""
-        return await asyncio.wait_for(self.reader.read(), 20)
+        """Everything until the server closes the connection. A server that
+        closes with our unread commands in its buffer resets the connection
+        (RST, not FIN): what it said before still counts."""
+        said = b""
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    chunk = await self.reader.read(65536)
+                except ConnectionResetError:
+                    return said
+                if not chunk:
+                    return said
+                said += chunk
 
 
 # -- fixtures --------------------------------------------------------------------
