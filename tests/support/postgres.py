@@ -261,13 +261,18 @@ class PostgresServer:
     """One throwaway cluster: `initdb` into a temp dir, `pg_ctl start`, `stop()` removes it.
 
     As root the tools run as the `postgres` OS user (initdb and pg_ctl refuse
-    root); otherwise as ourselves.
+    root); otherwise as ourselves. Tests run it without fsync; `durable=True`
+    keeps fsync and synchronous_commit at their defaults, for benchmarks whose
+    figures must be honest (bench/pgserver.py).
     """
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False,
+                 settings: Sequence[str] = ()) -> None:
         self.bindir = bindir
+        self.durable = durable
+        self.settings = tuple(settings)  # more `-c name=value` for the server
         self.port = 0
-        parent = _workdir_parent()
+        parent = None if durable else _workdir_parent()  # durable: on disk, where fsync costs
         _remove_stale_workdirs(parent or Path(tempfile.gettempdir()))
         self.base = Path(tempfile.mkdtemp(prefix="relay-pg-", dir=parent))
         self.data = self.base / "data"
@@ -305,7 +310,8 @@ class PostgresServer:
 
     def start(self) -> None:
         init = self._tool("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
-                          "--no-locale", "--encoding=UTF8", "--no-sync", timeout=120)
+                          "--no-locale", "--encoding=UTF8",
+                          *(() if self.durable else ("--no-sync",)), timeout=120)
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {_tail(init.stdout)}")
         for _ in range(5):  # another process may take the free port first
@@ -325,8 +331,10 @@ class PostgresServer:
         options = " ".join((
             "-c listen_addresses=127.0.0.1", f"-c port={self.port}",
             f"-c unix_socket_directories={self.base}",
-            "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
+            *(() if self.durable else ("-c fsync=off", "-c synchronous_commit=off",
+                                       "-c full_page_writes=off")),
             "-c max_parallel_workers_per_gather=0",
+            *(f"-c {setting}" for setting in self.settings),
         ))
         return self._tool("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log),
                           "-w", "-t", str(START_TIMEOUT), "-s", "-o", options,
